@@ -1,0 +1,588 @@
+"""Training: train state, jitted steps, data-parallel sharding, orbax checkpoints.
+
+Read top to bottom: `default_config` lists every knob; `make_optimizer` builds the optax chain;
+`train_step` / `eval_step` are pure functions that `train_and_evaluate` jits over a device mesh;
+`load_checkpoint` / `predict` / `evaluate_checkpoint` are the public API for a saved run.
+
+Parallelism: one 1-D mesh axis ``data`` over every device of every process. The train state is
+replicated, batches are sharded along their leading axis, and XLA's SPMD partitioner inserts the
+gradient all-reduce (and the cross-device BatchNorm statistics), so a run on N devices computes
+the same function as on one device. Multi-host: call ``jax.distributed.initialize()`` first
+(``config.distributed = True`` does it); each process then feeds its slice of every global batch.
+
+Exact resume: the data order is a pure function of (seed, step) and the augmentation key is
+``fold_in(key, step)``, so restoring a checkpoint at step s and continuing reproduces the
+uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import flax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from grassq import data as gdata
+from grassq import models
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, unreadable, or does not fit the model being restored."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every training knob with its default. Experiment configs start from this and override."""
+  c = ml_collections.ConfigDict()
+  c.dataset = gdata.DEFAULT_DATASET
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.model = "resnet20"
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.head = "linear"
+  c.head_kwargs = ml_collections.ConfigDict()
+  c.dtype = "float32"  # compute dtype; parameters stay float32
+
+  c.seed = 0
+  c.batch_size = 128  # global, over all devices and processes
+  c.eval_batch_size = 500
+  c.num_epochs = 1.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.augment = True
+
+  c.optimizer = "sgd"  # sgd | adamw | lamb
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = True
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.weight_decay = 5e-4  # masked off BatchNorm parameters and biases
+  c.grad_clip_norm = 0.0  # 0 disables
+  c.schedule = "cosine"  # cosine | step | constant
+  c.warmup_epochs = 0.0
+  c.step_epochs = (30.0, 60.0, 90.0)  # for schedule="step"
+  c.step_factor = 0.1
+  c.label_smoothing = 0.0
+
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.eval_every_epochs = 1.0
+  c.progress_bar = True
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return c
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@struct.dataclass
+class TrainState:
+  """What a checkpoint holds: everything needed to continue a run bit for bit."""
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  return models.create_model(
+      config.model,
+      num_classes=num_classes,
+      head=config.head,
+      dtype=jnp.dtype(config.dtype),
+      head_kwargs=flax.core.FrozenDict(config.head_kwargs.to_dict()),
+      **dict(config.model_kwargs),
+  )
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """True for conv/dense kernels; False for BatchNorm scales/offsets and biases (ndim <= 1)."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  base = config.learning_rate
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  decay_steps = max(total_steps - warmup, 1)
+  if config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(base, decay_steps)
+  elif config.schedule == "step":
+    boundaries = {
+        int(round(e * steps_per_epoch)) - warmup: config.step_factor for e in config.step_epochs
+    }
+    main = optax.piecewise_constant_schedule(base, {k: v for k, v in boundaries.items() if k > 0})
+  elif config.schedule == "constant":
+    main = optax.constant_schedule(base)
+  else:
+    raise ValueError(f"unknown schedule {config.schedule!r}; available: cosine, step, constant")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The network's optax chain: optional clipping, masked weight decay, then the optimizer."""
+  wd = config.weight_decay
+  if config.optimizer == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(wd, mask=weight_decay_mask),
+        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=weight_decay_mask)
+  elif config.optimizer == "lamb":
+    tx = optax.lamb(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=weight_decay_mask)
+  else:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; available: sgd, adamw, lamb")
+  if config.grad_clip_norm and config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def create_train_state(rng, model, tx, image_shape: Sequence[int]) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+  )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch, key, *, model, tx, spec, config) -> tuple[TrainState, dict]:
+  """One optimizer step on a (sharded) global batch of uint8 images. Pure; jit it."""
+  images = batch["image"]
+  step_key = jax.random.fold_in(key, state.step)
+  if config.augment:
+    images = gdata.augment(step_key, images, spec)
+  images = gdata.normalize(images, spec).astype(jnp.dtype(config.dtype))
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    loss = cross_entropy(logits, batch["label"], spec.num_classes, config.label_smoothing).mean()
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+  }
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
+  return new_state, metrics
+
+
+def eval_step(variables, batch, *, model, spec, dtype="float32") -> dict:
+  """Sums over the valid (mask=True) examples of a padded batch: correct, loss, count."""
+  images = gdata.normalize(batch["image"], spec).astype(jnp.dtype(dtype))
+  logits = model.apply(variables, images, train=False)
+  mask = batch["mask"]
+  loss = cross_entropy(logits, batch["label"], spec.num_classes)
+  correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+  return {
+      "correct": jnp.sum(correct),
+      "loss": jnp.sum(jnp.where(mask, loss, 0.0)),
+      "count": jnp.sum(mask),
+  }
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices, ("data",))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  n = mesh.devices.size
+  if batch_size <= 0 or batch_size % n:
+    raise ValueError(
+        f"{what}={batch_size} is not divisible by the number of devices ({n}); "
+        f"choose a multiple of {n}."
+    )
+  if batch_size % jax.process_count():
+    raise ValueError(f"{what}={batch_size} is not divisible by the process count")
+
+
+def _host_batches(images, labels, index_iter, with_mask: bool = False):
+  """Host batches for this process: its contiguous slice of every global batch."""
+  pc, pi = jax.process_count(), jax.process_index()
+  for item in index_iter:
+    idx, mask = item if with_mask else (item, None)
+    local = len(idx) // pc
+    sl = slice(pi * local, (pi + 1) * local)
+    batch = {"image": images[idx[sl]], "label": labels[idx[sl]]}
+    if with_mask:
+      batch["mask"] = mask[sl]
+    yield batch
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def checkpoint_manager(workdir: str, config=None, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if config is None else config.keep_checkpoints,
+      save_interval_steps=1 if config is None else max(config.checkpoint_every_steps, 1),
+      create=create,
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=options,
+      item_handlers=ocp.StandardCheckpointHandler(),
+  )
+
+
+def _path_name(path) -> str:
+  """'params/stage1_block0/conv1/kernel' for dict keys, attributes and sequence indices alike."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return "/".join(parts)
+
+
+def _flatten_shapes(tree) -> dict[str, tuple]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_path_name(path): tuple(np.shape(leaf)) for path, leaf in flat}
+
+
+def restore_state(manager: ocp.CheckpointManager, target: TrainState, step: int | None = None):
+  """Restores `step` (default: latest) into the structure, shapes and shardings of `target`."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint found in {manager.directory}")
+  where = f"checkpoint step {step} in {manager.directory}"
+  try:
+    meta = manager.item_metadata(step)
+  except Exception as e:  # unreadable metadata: truncated or corrupt files
+    raise CheckpointError(f"{where} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+  saved_tree = getattr(meta, "tree", meta)
+  if saved_tree is not None:
+    saved = _flatten_shapes(saved_tree)
+    wanted = _flatten_shapes(target)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    wrong = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if missing or extra or wrong:
+      lines = [f"{where} does not match the model being restored:"]
+      lines += [f"  missing in checkpoint: {k}" for k in missing[:8]]
+      lines += [f"  not in model: {k}" for k in extra[:8]]
+      lines += [f"  shape {k}: checkpoint {saved[k]} vs model {wanted[k]}" for k in wrong[:8]]
+      raise CheckpointError("\n".join(lines))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      target,
+  )
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:
+    raise CheckpointError(f"{where} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+  """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard event files."""
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    # Drop rows a killed run logged after its last checkpoint: they are recomputed.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(rows)
+      os.replace(tmp, self.path)
+    from tensorboardX import SummaryWriter
+
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, float(v), int(step))
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _config_to_json(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def config_from_json(obj: Mapping) -> ml_collections.ConfigDict:
+  """Inverse of the ``config.json`` a run writes (JSON lists come back as tuples)."""
+
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+  config = default_config()
+  config.update(ml_collections.ConfigDict(tuples(dict(obj))))
+  return config
+
+
+def make_eval_fn(model, spec, dtype="float32"):
+  return jax.jit(lambda v, b: eval_step(v, b, model=model, spec=spec, dtype=dtype))
+
+
+def evaluate(eval_fn, variables, images, labels, *, mesh, batch_size) -> dict:
+  """Top-1 accuracy and mean loss of `variables` on in-memory (images, labels)."""
+  check_batch_size(batch_size, mesh, "eval_batch_size")
+  sharding = NamedSharding(mesh, P("data"))
+  step = eval_fn
+  totals = {"correct": 0, "loss": 0.0, "count": 0}
+  batches = _host_batches(images, labels, gdata.eval_batches(len(labels), batch_size), True)
+  for batch in gdata.prefetch_to_device(batches, sharding):
+    out = jax.device_get(step(variables, batch))
+    for k in totals:
+      totals[k] += out[k].item()
+  return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss"] / totals["count"]}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Iterable[Callable[[int, TrainState], None]] = (),
+    devices=None,
+) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics.
+
+  Writes ``config.json``, ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/``.
+  `hooks` are called as ``hook(step, state)`` after every step (on the host; they see a state
+  that may still be computing).
+  """
+  if config.distributed:
+    jax.distributed.initialize()
+  os.makedirs(workdir, exist_ok=True)
+  spec = gdata.get_spec(config.dataset)
+  mesh = make_mesh(devices)
+  check_batch_size(config.batch_size, mesh)
+  check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+
+  train_images, train_labels = gdata.load_arrays(config.dataset, spec.train_split, config.data_dir)
+  test_images, test_labels = gdata.load_arrays(config.dataset, spec.eval_split, config.data_dir)
+  steps_per_epoch = gdata.steps_per_epoch(len(train_labels), config.batch_size)
+  if config.num_train_steps > 0:
+    total_steps = int(config.num_train_steps)
+  else:
+    total_steps = int(round(config.num_epochs * steps_per_epoch))
+  eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
+
+  model = build_model(config, spec.num_classes)
+  schedule = make_schedule(config, steps_per_epoch, total_steps)
+  tx = make_optimizer(config, schedule)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  key = jax.random.key(config.seed)
+  init_key, train_key = jax.random.split(key)
+  init = jax.jit(
+      lambda k: create_train_state(k, model, tx, spec.image_shape), out_shardings=replicated
+  )
+  state = init(init_key)
+
+  is_main = jax.process_index() == 0
+  if is_main:
+    _write_json_atomic(os.path.join(workdir, "config.json"), _config_to_json(config))
+  manager = checkpoint_manager(workdir, config)
+  resumed_from = manager.latest_step()
+  if resumed_from is not None:
+    state = restore_state(manager, state, resumed_from)
+  start = int(jax.device_get(state.step))
+  writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+
+  eval_fn = make_eval_fn(model, spec, config.dtype)
+  step_fn = jax.jit(
+      lambda s, b, k: train_step(s, b, k, model=model, tx=tx, spec=spec, config=config),
+      donate_argnums=0,
+      out_shardings=(replicated, replicated),
+  )
+  index_iter = gdata.train_batches(len(train_labels), config.batch_size, config.seed, start)
+  batches = gdata.prefetch_to_device(
+      _host_batches(train_images, train_labels, index_iter), batch_sharding
+  )
+
+  bar = None
+  if config.progress_bar and is_main:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
+
+  pending: list = []
+  t_last, step_last = time.perf_counter(), start
+  eval_metrics: dict = {}
+  try:
+    for step in range(start, total_steps):
+      batch = next(batches)
+      state, metrics = step_fn(state, batch, train_key)
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step + 1, state)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        host = jax.device_get(pending)
+        now = time.perf_counter()
+        ips = (done - step_last) * config.batch_size / (now - t_last)
+        t_last, step_last = now, done
+        summary = {
+            "train_loss": float(np.mean([m["loss"] for m in host])),
+            "train_accuracy": float(np.mean([m["accuracy"] for m in host])),
+            "learning_rate": float(schedule(done - 1)),
+            "images_per_sec": ips,
+            "epoch": done / steps_per_epoch,
+        }
+        pending = []
+        writer.write(done, summary)
+        if bar is not None:
+          bar.set_postfix(
+              loss=f"{summary['train_loss']:.3f}", img_s=f"{ips:.0f}", refresh=False
+          )
+      if bar is not None:
+        bar.update(1)
+      manager.save(done, args=ocp.args.StandardSave(state), force=done == total_steps)
+      if done % eval_every == 0 or done == total_steps:
+        res = evaluate(eval_fn, state.variables(), test_images, test_labels, mesh=mesh,
+                       batch_size=config.eval_batch_size)
+        eval_metrics = {"test_accuracy": res["accuracy"], "test_loss": res["loss"]}
+        writer.write(done, {**eval_metrics, "epoch": done / steps_per_epoch})
+        if bar is not None:
+          bar.write(f"step {done} (epoch {done / steps_per_epoch:.2f}): "
+                    f"test accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}")
+    if start >= total_steps and resumed_from is not None:
+      res = evaluate(eval_fn, state.variables(), test_images, test_labels, mesh=mesh,
+                     batch_size=config.eval_batch_size)
+      eval_metrics = {"test_accuracy": res["accuracy"], "test_loss": res["loss"]}
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+    batches.close() if hasattr(batches, "close") else None
+  return {"step": total_steps, "resumed_from": resumed_from or 0, **eval_metrics, "state": state}
+
+
+# ----------------------------------------------------------------------------- saved runs
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """Loads a saved run: returns (model, variables, config). Raises CheckpointError on problems."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{workdir} is not a grassq run directory (no config.json)")
+  with open(cfg_path) as f:
+    config = config_from_json(json.load(f))
+  spec = gdata.get_spec(config.dataset)
+  model = build_model(config, spec.num_classes)
+  # The optimizer state's structure depends only on the optimizer, not on the schedule values.
+  tx = make_optimizer(config, optax.constant_schedule(config.learning_rate))
+  target = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, tx, spec.image_shape))
+  target = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), target)
+  manager = checkpoint_manager(workdir, create=False)
+  try:
+    state = restore_state(manager, target, step)
+  finally:
+    manager.close()
+  return model, state.variables(), config
+
+
+def predict(model, variables, images, dataset: str, batch_size: int = 500, dtype="float32"):
+  """Logits (N, C) for uint8 images (N, H, W, C) of `dataset`'s format."""
+  spec = gdata.get_spec(dataset)
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[1:] != tuple(spec.image_shape):
+    raise ValueError(f"images must have shape (N, {', '.join(map(str, spec.image_shape))}), "
+                     f"got {images.shape}")
+  fn = jax.jit(lambda v, x: model.apply(v, gdata.normalize(x, spec).astype(dtype), train=False))
+  outs = []
+  for i in range(0, len(images), batch_size):
+    chunk = images[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
+    outs.append(np.asarray(fn(variables, chunk))[: batch_size - pad])
+  return np.concatenate(outs)
+
+
+def evaluate_checkpoint(workdir: str, dataset: str | None = None, split: str | None = None,
+                        data_dir: str | None = None, step: int | None = None) -> dict:
+  """Accuracy and loss of a saved run on a dataset split (default: its own test split)."""
+  model, variables, config = load_checkpoint(workdir, step)
+  dataset = dataset or config.dataset
+  spec = gdata.get_spec(dataset)
+  trained = gdata.get_spec(config.dataset)
+  if spec.image_shape != trained.image_shape or spec.num_classes != trained.num_classes:
+    raise ValueError(f"run was trained on {config.dataset} {trained.image_shape}/"
+                     f"{trained.num_classes} classes; {dataset} is {spec.image_shape}/"
+                     f"{spec.num_classes} classes")
+  images, labels = gdata.load_arrays(dataset, split or spec.eval_split, data_dir or config.data_dir)
+  mesh = make_mesh()
+  bs = config.eval_batch_size
+  return evaluate(make_eval_fn(model, spec, config.dtype), variables, images, labels, mesh=mesh,
+                  batch_size=bs)

@@ -1,0 +1,169 @@
+"""Training loop: multi-device equivalence, exact resume after a kill, saved-run API, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import digits_smoke
+from grassq import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNNER = os.path.join(HERE, "train_runner.py")
+
+
+def run(workdir, out, devices=1, check=True, **flags):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, RUNNER, str(workdir), str(out)]
+  for k, v in flags.items():
+    cmd += [f"--{k.replace('_', '-')}", str(v)]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  result = None
+  for line in proc.stdout.splitlines():
+    if line.startswith("{"):
+      result = json.loads(line)
+  return proc, result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 40-step run on one device."""
+  d = tmp_path_factory.mktemp("ref")
+  _, result = run(d / "work", d / "params.npz")
+  return d, result, dict(np.load(d / "params.npz"))
+
+
+def test_reference_run_learns_and_writes_outputs(reference):
+  d, result, params = reference
+  assert result["devices"] == 1 and result["step"] == 40
+  assert result["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+  rows = [json.loads(l) for l in open(d / "work" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train_loss" in r] == [8, 16, 24, 32, 40]
+  assert any("test_accuracy" in r for r in rows)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(d / "work" / "tensorboard"))
+  assert sorted(os.listdir(d / "work" / "checkpoints"))[-1] == "40"
+
+
+def test_eight_devices_match_one(tmp_path):
+  # Short runs: over long ones, float rounding differences (the order of cross-device
+  # reductions) are amplified by training itself. A real difference in what is computed (e.g.
+  # BatchNorm statistics per device instead of over the global batch) shows at once.
+  runs = {}
+  for devices in (1, 8):
+    _, result = run(tmp_path / f"w{devices}", tmp_path / f"p{devices}.npz", devices=devices,
+                    steps=3, lr=0.02)
+    assert result["devices"] == devices
+    runs[devices] = result, dict(np.load(tmp_path / f"p{devices}.npz"))
+  (r1, p1), (r8, p8) = runs[1], runs[8]
+  assert p1.keys() == p8.keys()
+  for k in p1:
+    np.testing.assert_allclose(p8[k], p1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert r8["test_loss"] == pytest.approx(r1["test_loss"], abs=1e-5)
+  assert r8["test_accuracy"] == pytest.approx(r1["test_accuracy"], abs=1 / 360 + 1e-9)
+
+
+def test_kill_and_resume_is_exact(reference, tmp_path):
+  _, _, ref = reference
+  work = tmp_path / "work"
+  proc, _ = run(work, tmp_path / "killed.npz", kill_at=20, check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  assert not (tmp_path / "killed.npz").exists()
+  _, result = run(work, tmp_path / "p.npz")
+  assert result["resumed_from"] in (8, 16)
+  got = dict(np.load(tmp_path / "p.npz"))
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+  rows = [json.loads(l) for l in open(work / "metrics.jsonl")]
+  train_steps = [r["step"] for r in rows if "train_loss" in r]
+  assert train_steps == [8, 16, 24, 32, 40]  # rows logged after the last checkpoint were dropped
+
+
+def test_load_predict_and_evaluate_saved_run(reference):
+  d, result, ref = reference
+  model, variables, config = train.load_checkpoint(str(d / "work"))
+  assert config.model_kwargs.stage_sizes == (1, 1, 1)
+  res = train.evaluate_checkpoint(str(d / "work"))
+  assert res["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-6)
+  from grassq import data
+  images, labels = data.load_arrays("digits", "test")
+  logits = train.predict(model, variables, images[:7], "digits", batch_size=4)
+  assert logits.shape == (7, 10) and np.isfinite(logits).all()
+  with pytest.raises(ValueError, match="shape"):
+    train.predict(model, variables, images[:3, :20], "digits")
+
+
+def test_batch_size_not_divisible_by_devices(tmp_path):
+  proc, _ = run(tmp_path / "w", tmp_path / "p.npz", devices=8, batch_size=12, check=False)
+  assert proc.returncode != 0
+  assert "batch_size=12 is not divisible by the number of devices (8)" in proc.stderr
+
+
+def test_unknown_names_are_clear(tmp_path):
+  config = digits_smoke.get_config()
+  config.model = "resnet7"
+  with pytest.raises(ValueError, match="unknown model 'resnet7'"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = digits_smoke.get_config()
+  config.dataset = "no_such_data"
+  with pytest.raises(ValueError, match="no_such_data"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  config = digits_smoke.get_config()
+  config.optimizer = "adagrad2"
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+
+
+def test_mismatched_checkpoint_is_refused(reference, tmp_path):
+  d, _, _ = reference
+  work = tmp_path / "work"
+  shutil.copytree(d / "work", work)
+  cfg = json.load(open(work / "config.json"))
+  cfg["model_kwargs"]["num_filters"] = 8
+  json.dump(cfg, open(work / "config.json", "w"))
+  with pytest.raises(train.CheckpointError, match="does not match") as e:
+    train.load_checkpoint(str(work))
+  assert "shape" in str(e.value)
+
+
+def test_corrupt_checkpoint_is_refused(reference, tmp_path):
+  d, _, _ = reference
+  work = tmp_path / "work"
+  shutil.copytree(d / "work", work)
+  step_dir = work / "checkpoints" / "40"
+  n = 0
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "r+b") as fh:
+        size = os.path.getsize(p)
+        fh.truncate(size // 3)
+      n += 1
+  assert n > 0
+  with pytest.raises(train.CheckpointError, match="corrupt or unreadable"):
+    train.load_checkpoint(str(work))
+
+
+def test_missing_run_directory(tmp_path):
+  with pytest.raises(train.CheckpointError, match="not a grassq run directory"):
+    train.load_checkpoint(str(tmp_path))
+
+
+def test_weight_decay_mask_skips_batchnorm_and_bias():
+  config = digits_smoke.get_config()
+  model = train.build_model(config, 10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.ones((1, 28, 28, 1)),
+                                                train=False))
+  mask = train.weight_decay_mask(variables["params"])
+  flat, _ = jax.tree_util.tree_flatten_with_path(mask)
+  for path, m in flat:
+    name = jax.tree_util.keystr(path)
+    assert m == ("kernel" in name), name
