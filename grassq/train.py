@@ -76,6 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.step_epochs = (30.0, 60.0, 90.0)  # for schedule="step"
   c.step_factor = 0.1
   c.label_smoothing = 0.0
+  # Grassmann head (head="grassmann"): its bases get Riemannian SGD with their own learning
+  # rate, following the network's schedule shape; no weight decay or clipping on them.
+  c.grassmann_learning_rate = 0.1
+  c.grassmann_momentum = 0.9
+  c.grassmann_retraction = "qr"  # qr | qr_cholesky | polar | exp
 
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -139,7 +144,10 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The network's optax chain: optional clipping, masked weight decay, then the optimizer."""
+  """The network's optax chain: optional clipping, masked weight decay, then the optimizer.
+
+  With the Grassmann head, the class bases are split off to `grassq.optim.riemannian_sgd`.
+  """
   wd = config.weight_decay
   if config.optimizer == "sgd":
     tx = optax.chain(
@@ -154,6 +162,16 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
     raise ValueError(f"unknown optimizer {config.optimizer!r}; available: sgd, adamw, lamb")
   if config.grad_clip_norm and config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.head == "grassmann":
+    from grassq import optim
+
+    ratio = config.grassmann_learning_rate / config.learning_rate
+    bases_tx = optim.riemannian_sgd(
+        lambda count: ratio * schedule(count),
+        momentum=config.grassmann_momentum,
+        retraction=config.grassmann_retraction,
+    )
+    tx = optim.with_grassmann(tx, bases_tx)
   return tx
 
 
@@ -553,14 +571,25 @@ def load_checkpoint(workdir: str, step: int | None = None):
   return model, state.variables(), config
 
 
-def predict(model, variables, images, dataset: str, batch_size: int = 500, dtype="float32"):
-  """Logits (N, C) for uint8 images (N, H, W, C) of `dataset`'s format."""
+def predict(model, variables, images, dataset: str, batch_size: int = 500, dtype="float32",
+            features: bool = False):
+  """Logits (N, C) for uint8 images (N, H, W, C) of `dataset`'s format.
+
+  With ``features=True`` returns the pre-logit features (N, n) instead (for analysis and
+  linear probes).
+  """
   spec = gdata.get_spec(dataset)
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1:] != tuple(spec.image_shape):
     raise ValueError(f"images must have shape (N, {', '.join(map(str, spec.image_shape))}), "
                      f"got {images.shape}")
-  fn = jax.jit(lambda v, x: model.apply(v, gdata.normalize(x, spec).astype(dtype), train=False))
+
+  @jax.jit
+  def fn(v, x):
+    logits, feats = model.apply(v, gdata.normalize(x, spec).astype(dtype), train=False,
+                                return_features=True)
+    return feats if features else logits
+
   outs = []
   for i in range(0, len(images), batch_size):
     chunk = images[i:i + batch_size]
