@@ -167,3 +167,24 @@ def test_weight_decay_mask_skips_batchnorm_and_bias():
   for path, m in flat:
     name = jax.tree_util.keystr(path)
     assert m == ("kernel" in name), name
+
+
+def test_grassmann_head_trains_on_the_manifold(tmp_path):
+  from grassq import grassmann
+
+  config = digits_smoke.get_config()
+  config.head = "grassmann"
+  config.head_kwargs.subspace_dim = 4
+  config.num_train_steps = 6
+  config.checkpoint_every_steps = 6
+  config.weight_decay = 0.1  # large: must not reach the bases
+  result = train.train_and_evaluate(config, str(tmp_path))
+  bases = result["state"].params["head"]["bases"]
+  assert bases.shape == (10, 64, 4) and bases.dtype == np.float32
+  assert float(np.max(grassmann.orthonormality_error(bases))) <= 1e-5
+  model = train.build_model(config, 10)
+  init = model.init(jax.random.split(jax.random.key(config.seed))[0], np.zeros((1, 28, 28, 1)))
+  moved = np.max(grassmann.principal_angles(init["params"]["head"]["bases"], bases))
+  assert moved > 1e-3  # the bases were trained
+  _, variables, loaded = train.load_checkpoint(str(tmp_path))
+  np.testing.assert_array_equal(variables["params"]["head"]["bases"], bases)
