@@ -188,3 +188,22 @@ def test_grassmann_head_trains_on_the_manifold(tmp_path):
   assert moved > 1e-3  # the bases were trained
   _, variables, loaded = train.load_checkpoint(str(tmp_path))
   np.testing.assert_array_equal(variables["params"]["head"]["bases"], bases)
+
+
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(os.path.join(HERE, "..", "experiments", "configs"))
+    if f.endswith(".py") and not f.startswith("_")))
+def test_every_config_builds_its_model_and_optimizer(name):
+  import importlib
+
+  import optax
+  from grassq import data
+
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  spec = data.get_spec(config.dataset)
+  model = train.build_model(config, spec.num_classes)
+  tx = train.make_optimizer(config, optax.constant_schedule(config.learning_rate))
+  state = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), model, tx,
+                                                          spec.image_shape))
+  assert state.params["head"]
+  assert config.batch_size > 0 and config.dataset in data.SPECS
