@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "experiments/configs/gcr_fmnist.py", "Base config.")
@@ -210,6 +210,8 @@ def report(out: str) -> str:
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   os.makedirs(FLAGS.out, exist_ok=True)
   if not FLAGS.report_only:
     from grassq import data

@@ -7,7 +7,7 @@ Any config field can be overridden with --config.FIELD=VALUE. Re-running with th
 resumes from its latest checkpoint (a finished run only re-evaluates).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Experiment config file.")
@@ -17,6 +17,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   import os
 
   from grassq import train
