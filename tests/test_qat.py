@@ -77,13 +77,13 @@ def test_quant_act_tracks_range_by_ema_and_quantizes(seed, bits, signed):
   x1 = jax.random.normal(k1, (64,)) * 2
   x2 = jax.random.normal(k2, (64,)) * 3 + 1
   v = act.init(jax.random.key(0), x1)
-  assert not bool(v["quant_stats"]["range"]["initialized"])
+  assert not bool(v["batch_stats"]["range"]["initialized"])
   np.testing.assert_array_equal(act.apply(v, x1), x1)  # uncalibrated: identity
-  _, v1 = act.apply(v, x1, train=True, mutable=["quant_stats"])
-  r1 = v1["quant_stats"]["range"]
+  _, v1 = act.apply(v, x1, train=True, mutable=["batch_stats"])
+  r1 = v1["batch_stats"]["range"]
   assert float(r1["lo"]) == float(x1.min()) and float(r1["hi"]) == float(x1.max())
-  _, v2 = act.apply(v1, x2, train=True, mutable=["quant_stats"])
-  r2 = v2["quant_stats"]["range"]
+  _, v2 = act.apply(v1, x2, train=True, mutable=["batch_stats"])
+  r2 = v2["batch_stats"]["range"]
   np.testing.assert_allclose(r2["hi"], 0.99 * x1.max() + 0.01 * x2.max(), rtol=1e-6)
   np.testing.assert_allclose(r2["lo"], 0.99 * x1.min() + 0.01 * x2.min(), rtol=1e-6)
   # evaluation: frozen range, values on the integer grid of the range's scale
@@ -93,8 +93,8 @@ def test_quant_act_tracks_range_by_ema_and_quantizes(seed, bits, signed):
   np.testing.assert_allclose(q, np.round(q), atol=1e-3)
   qmin, qmax = quantizers.qrange(bits, signed)
   assert q.min() >= qmin - 1e-3 and q.max() <= qmax + 1e-3
-  _, v3 = act.apply(v2, x1, mutable=["quant_stats"])  # not training: range unchanged
-  assert float(v3["quant_stats"]["range"]["hi"]) == float(r2["hi"])
+  _, v3 = act.apply(v2, x1, mutable=["batch_stats"])  # not training: range unchanged
+  assert float(v3["batch_stats"]["range"]["hi"]) == float(r2["hi"])
 
 
 def test_quant_act_refuses_unsupported_bits():
@@ -109,9 +109,9 @@ def test_quant_add_rounds_branches_separately_and_clamps_once():
   a = jnp.array([0.26, 0.26, -5.0, 3.0])
   b = jnp.array([0.26, -0.26, 1.0, 1e9])
   v = add.init(jax.random.key(0), a, b)
-  _, v = add.apply(v, a, b, train=True, mutable=["quant_stats"])
+  _, v = add.apply(v, a, b, train=True, mutable=["batch_stats"])
   out = add.apply(v, a, b)
-  scale = float(v["quant_stats"]["range"]["hi"]) / (2**16 - 1)
+  scale = float(v["batch_stats"]["range"]["hi"]) / (2**16 - 1)
   want = np.clip(np.round(a / scale) + np.round(b / scale), 0, 2**16 - 1) * scale
   np.testing.assert_allclose(out, want, rtol=1e-6)
   assert float(out[2]) == 0.0  # negative sum: the unsigned clamp is the ReLU

@@ -31,26 +31,37 @@ def test_layer_names_of_resnet20():
   assert "stage2_block0/proj_conv" in names and "stage1_block0/proj_conv" not in names
 
 
-def test_from_float_matches_the_qat_variable_tree(float_resnet20):
+def test_from_float_fills_weights_and_leaves_ranges_uncalibrated(float_resnet20):
   model, v = float_resnet20
   q = qresnet.quantized(model)
-  init = jax.eval_shape(lambda: q.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
-  mapped = qresnet.from_float(v)
-  for col in ("params", "batch_stats"):
-    want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), init[col])
-    got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), mapped[col])
-    assert got == want, col
+  init = jax.jit(q.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  mapped = qresnet.from_float(v, init)
+  shapes = lambda t: jax.tree_util.tree_map(jnp.shape, qresnet._unfreeze(t))
+  assert shapes(mapped["params"]) == shapes(init["params"])
+  assert shapes(mapped["batch_stats"]) == shapes(init["batch_stats"])
+  blk = mapped["params"]["stage2_block0"]
+  np.testing.assert_array_equal(blk["proj_conv"]["kernel"],
+                                v["params"]["stage2_block0"]["proj_conv"]["kernel"])
+  np.testing.assert_array_equal(blk["conv2"]["bn_scale"],
+                                v["params"]["stage2_block0"]["bn2"]["scale"])
+  np.testing.assert_array_equal(mapped["batch_stats"]["stage2_block0"]["conv1"]["var"],
+                                v["batch_stats"]["stage2_block0"]["bn1"]["var"])
+  np.testing.assert_array_equal(mapped["params"]["head"]["kernel"],
+                                v["params"]["head"]["dense"]["kernel"])
+  assert not bool(mapped["batch_stats"]["stage1_block0"]["act_in"]["range"]["initialized"])
+  other = create_model("resnet56", 10)
+  v56 = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+  with pytest.raises(ValueError, match="different"):
+    qresnet.from_float(v56, init)
 
 
 def _calibrated(q, v, n=4):
-  variables = dict(qresnet.from_float(v))
-  variables["quant_stats"] = jax.jit(q.init)(jax.random.key(0),
-                                            jnp.zeros((1, 28, 28, 1)))["quant_stats"]
-  step = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["quant_stats", "batch_stats"]))
+  variables = qresnet.from_float(v, jax.jit(q.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+  step = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))
   for i in range(n):
     x = jax.random.normal(jax.random.key(20 + i), (32, 28, 28, 1))
     _, upd = step(variables, x)
-    variables["quant_stats"] = upd["quant_stats"]
+    variables = {**variables, "batch_stats": upd["batch_stats"]}
   return variables
 
 

@@ -1,10 +1,14 @@
-"""HAWQV3 quantization: quantizers for QAT and dyadic integer arithmetic.
+"""HAWQV3 quantization: quantizers, QAT layers and models, dyadic integer arithmetic.
 
 `dyadic` turns a real scale into multiplier * 2^-shift on the host; `requantize`
 applies it to int32 accumulators with integers only (round half up, exact).
 The quantizers (`quantize_weight`, `fake_quant`, ...) follow HAWQV3: symmetric
 per-channel weights, unsigned activations after ReLU, int32 biases.
+`grassq.quant.qat` holds the QAT layers, `grassq.quant.qresnet` the QAT ResNets,
+`grassq.quant.intops` the integer-only primitives (conv, pools, int4 packing, isqrt).
 """
+
+from grassq.quant import intops, qat, qresnet
 
 from grassq.quant.dyadic import (
     MAX_SHIFT,
@@ -28,6 +32,9 @@ from grassq.quant.quantizers import (
 )
 
 __all__ = [
+    "intops",
+    "qat",
+    "qresnet",
     "MAX_SHIFT",
     "MIN_SHIFT",
     "REQUANTIZE_BITS",

@@ -16,9 +16,10 @@ these modules' variables runs integer-only. The pieces:
   are added and the sum is clamped once (16-bit block outputs, unsigned when a ReLU follows:
   the clamp at 0 is the ReLU).
 
-Variables: parameters in ``params``, BatchNorm running statistics in ``batch_stats``, activation
-ranges in ``quant_stats`` (``lo``, ``hi`` and ``initialized``). Mark ``batch_stats`` and
-``quant_stats`` mutable when training. The bias is kept in float here; the integer program
+Variables: parameters in ``params``; BatchNorm running statistics and activation ranges (``lo``,
+``hi``, ``initialized``) are both running statistics of the data and live in ``batch_stats``, so
+a training loop written for float BatchNorm models (mutable ``batch_stats``) trains these
+unchanged. The bias is kept in float here; the integer program
 quantizes it to int32 at scale S_w·S_in, an error far below one output LSB.
 """
 
@@ -58,9 +59,9 @@ class _RangeTracker(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    lo = self.variable("quant_stats", "lo", lambda: jnp.zeros((), jnp.float32))
-    hi = self.variable("quant_stats", "hi", lambda: jnp.zeros((), jnp.float32))
-    seen = self.variable("quant_stats", "initialized", lambda: jnp.zeros((), jnp.bool_))
+    lo = self.variable("batch_stats", "lo", lambda: jnp.zeros((), jnp.float32))
+    hi = self.variable("batch_stats", "hi", lambda: jnp.zeros((), jnp.float32))
+    seen = self.variable("batch_stats", "initialized", lambda: jnp.zeros((), jnp.bool_))
     if train and not self.is_initializing():
       xs = jax.lax.stop_gradient(x).astype(jnp.float32)
       blo, bhi = jnp.min(xs), jnp.max(xs)

@@ -207,29 +207,46 @@ def layer_names(model: QResNet, image_shape: Sequence[int]) -> list[str]:
   return sorted(names, key=forward_order)
 
 
-def from_float(float_variables: Mapping) -> dict:
-  """Float ResNet variables -> QResNet params and batch_stats (conv + its BN -> QuantConvBN).
+def from_float(float_variables: Mapping, qat_variables: Mapping) -> dict:
+  """`qat_variables` (a fresh `QResNet.init`) with the weights of a float ResNet's variables.
 
-  Activation ranges (``quant_stats``) start uncalibrated; run training batches to set them.
+  Each conv and its BatchNorm become one `QuantConvBN` (kernel, BN scale/offset, running mean and
+  variance); the linear head's dense layer becomes the `QuantDense` head. Activation ranges stay
+  uncalibrated: training batches set them. Raises ValueError when the architectures differ.
   """
-  params = jax.tree_util.tree_map(lambda x: x, dict(float_variables["params"]))
-  stats = dict(float_variables.get("batch_stats", {}))
+  fp, fs = float_variables["params"], float_variables.get("batch_stats", {})
+  params = jax.tree_util.tree_map(lambda x: x, _unfreeze(qat_variables["params"]))
+  stats = jax.tree_util.tree_map(lambda x: x, _unfreeze(qat_variables["batch_stats"]))
 
-  def convert(p, s):
-    out_p, out_s = {}, {}
-    for name, sub in p.items():
-      if name == "head":
-        out_p["head"] = {"kernel": sub["dense"]["kernel"], "bias": sub["dense"]["bias"]}
-      elif "conv" in name:
-        bn = name.replace("conv", "bn")
-        out_p[name] = {"kernel": sub["kernel"], "bn_scale": p[bn]["scale"],
-                       "bn_bias": p[bn]["bias"]}
-        out_s[name] = {"mean": s[bn]["mean"], "var": s[bn]["var"]}
-      elif "bn" in name:
-        continue
-      else:  # a block
-        out_p[name], out_s[name] = convert(sub, s[name])
-    return out_p, out_s
+  def fill(qp, qs, p, s, where):
+    for name, sub in qp.items():
+      try:
+        if name == "head":
+          sub.update(kernel=p["head"]["dense"]["kernel"], bias=p["head"]["dense"]["bias"])
+        elif "kernel" in sub:  # a QuantConvBN
+          bn = name.replace("conv", "bn")
+          sub.update(kernel=p[name]["kernel"], bn_scale=p[bn]["scale"], bn_bias=p[bn]["bias"])
+          qs[name].update(mean=s[bn]["mean"], var=s[bn]["var"])
+        else:  # a block
+          fill(sub, qs[name], p[name], s[name], where + name + "/")
+      except KeyError as e:
+        raise ValueError(f"float variables have no {where}{e.args[0]} for the QAT layer "
+                         f"{where}{name}: different architectures?") from None
 
-  p, s = convert(params, stats)
-  return {"params": p, "batch_stats": s}
+  fill(params, stats, fp, fs, "")
+  n_float = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(fp)[0]
+                if path[-1].key == "kernel")
+  n_qat = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+              if path[-1].key == "kernel")
+  if n_float != n_qat:
+    raise ValueError(f"float variables have {n_float} conv/dense kernels, the QAT model "
+                     f"{n_qat}: different architectures")
+  want = jax.tree_util.tree_map(jnp.shape, _unfreeze(qat_variables["params"]))
+  got = jax.tree_util.tree_map(jnp.shape, params)
+  if want != got:
+    raise ValueError("float variables have different shapes than the QAT model's")
+  return {**qat_variables, "params": params, "batch_stats": stats}
+
+
+def _unfreeze(tree):
+  return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
