@@ -1,0 +1,409 @@
+"""The integer program: an explicit, immutable integer-only network, and its int32 interpreter.
+
+`to_program(model, variables, image_shape)` turns a calibrated (QAT) `QResNet` into an
+`IntegerProgram`: an ordered tuple of `Op`s over named tensors with int8 weights (int4 packed two
+per byte), int32 biases, per-channel dyadic multipliers and shifts, and clip ranges. Everything a
+back end needs is in the program; `run` (pure int32 jnp, jit-compiled, no floating-point op
+between the input quantization and the int32 logits) and the TVM lowering consume it and must
+agree bit for bit.
+
+Op kinds and their semantics (all tensors NHWC, values held in int32 between ops):
+
+* ``quantize_input``: the boundary. clamp(round_half_even(x / scale)) to signed int8.
+* ``conv``: int32 accumulation of conv(x, W) + bias; x is narrowed to its declared (bits,
+  signed) storage type first. Attributes ``strides``, ``padding``, ``w_bits``.
+* ``dense``: the same for a matrix product.
+* ``requantize``: (acc·m + 2^(c−1)) >> c per channel, then clamp to (bits, signed) when
+  ``saturate`` (the ReLU of unsigned outputs is this clamp at 0).
+* ``add``: int32 add of two requantized (unsaturated) branches, clamped once to [lo, hi].
+* ``max_pool``, ``avg_pool``, ``global_avg_pool``: integer pools (floor division for averages).
+
+The program's output is int32 logits at one per-tensor ``output_scale``, so their argmax is the
+prediction and ``logits · output_scale`` approximates the float logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grassq.quant import intops, qat, quantizers
+from grassq.quant.dyadic import dyadic, requantize
+
+PROGRAM_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One integer op: ``kind`` reads ``inputs`` and writes ``output``.
+
+  ``attrs`` are static python values (ints, bools, tuples); ``arrays`` are read-only numpy
+  arrays (weights, biases, multipliers, shifts).
+  """
+
+  kind: str
+  name: str
+  inputs: tuple
+  output: str
+  attrs: Mapping[str, Any]
+  arrays: Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerProgram:
+  """An integer-only network: ops in order, its input shape and the output's scale."""
+
+  ops: tuple
+  input_shape: tuple
+  output: str
+  output_scale: float
+  num_classes: int
+
+  def __post_init__(self):
+    for op in self.ops:
+      for a in op.arrays.values():
+        a.setflags(write=False)
+
+  def layer(self, name: str) -> Op:
+    for op in self.ops:
+      if op.name == name:
+        return op
+    raise KeyError(f"no op named {name!r}")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+class _Builder:
+  """Walks a calibrated QResNet's variables and emits ops, tracking each tensor's scale."""
+
+  def __init__(self, model, variables):
+    self.model = model
+    self.params = variables["params"]
+    self.stats = variables["batch_stats"]
+    self.ops: list[Op] = []
+    self.meta: dict[str, tuple] = {}  # tensor -> (scale, bits, signed)
+    self.count = 0
+
+  def _tensor(self, hint):
+    self.count += 1
+    return f"t{self.count}_{hint.replace('/', '.')}"
+
+  def emit(self, kind, name, inputs, attrs, arrays, meta):
+    out = self._tensor(name)
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    self.ops.append(Op(kind, name, tuple(inputs), out, dict(attrs), arrays))
+    self.meta[out] = meta
+    return out
+
+  # -- variables
+  def _sub(self, tree, path):
+    for key in path.split("/"):
+      tree = tree[key]
+    return tree
+
+  def act_scale(self, path, bits, signed):
+    r = self._sub(self.stats, path + "/range")
+    if not bool(np.asarray(r["initialized"])):
+      raise ValueError(f"activation quantizer {path} was never calibrated: run training "
+                       "batches through the QAT model (train=True) before converting")
+    return float(np.asarray(quantizers.activation_scale(r["lo"], r["hi"], bits, signed)))
+
+  # -- ops
+  def requant(self, x, name, out_scale, bits, signed, saturate=True):
+    scale, _, _ = self.meta[x]
+    ratio = np.broadcast_to(np.asarray(scale, np.float64) / out_scale, np.shape(scale))
+    m, c = dyadic(ratio)
+    return self.emit("requantize", name, [x], dict(bits=bits, signed=signed, saturate=saturate),
+                     dict(multiplier=np.asarray(m, np.int32), shift=np.asarray(c, np.int32)),
+                     (out_scale, bits, signed))
+
+  def act(self, x, path, bits, signed):
+    return self.requant(x, path, self.act_scale(path, bits, signed), bits, signed)
+
+  def conv(self, x, path, strides, padding):
+    p = self._sub(self.params, path)
+    s = self._sub(self.stats, path)
+    w_bits = self.model_bits(path)
+    wf, bf = qat.fold_bn(p["kernel"], p["bn_scale"], p["bn_bias"], s["mean"], s["var"])
+    q, s_w = quantizers.quantize_weight(wf, w_bits)
+    return self._affine("conv", x, path, np.asarray(q), np.asarray(s_w, np.float64),
+                        np.asarray(bf, np.float64), w_bits,
+                        dict(strides=tuple(strides), padding=tuple(map(tuple, padding))))
+
+  def dense(self, x, path):
+    p = self._sub(self.params, path)
+    w_bits = self.model_bits(path)
+    q, s_w = quantizers.quantize_weight(p["kernel"], w_bits)
+    return self._affine("dense", x, path, np.asarray(q), np.asarray(s_w, np.float64),
+                        np.asarray(p["bias"], np.float64), w_bits, {})
+
+  def _affine(self, kind, x, path, q, s_w, bias_f, w_bits, attrs):
+    s_in, a_bits, a_signed = self.meta[x]
+    bias = quantizers.quantize_bias(bias_f, s_w * s_in)
+    fan_in = int(np.prod(q.shape[:-1]))
+    intops.check_accumulator_fits(fan_in, w_bits, a_bits, a_signed,
+                                  bias_bound=int(np.abs(bias).max(initial=0)), what=path)
+    weight = intops.pack_int4(q) if w_bits <= 4 else q.astype(np.int8)
+    attrs = dict(attrs, w_bits=w_bits, cout=q.shape[-1], in_bits=a_bits, in_signed=a_signed)
+    return self.emit(kind, path, [x], attrs, dict(weight=weight, bias=bias),
+                     (s_w * s_in, 32, True))
+
+  def model_bits(self, path):
+    m = self.model
+    bits = dict(m.bits)
+    from grassq.quant.qresnet import PINNED_8BIT
+
+    return int(bits.get(path, 8 if path in PINNED_8BIT else m.default_bits))
+
+
+def _pad(k):
+  p = (k - 1) // 2
+  return ((p, p), (p, p))
+
+
+def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
+  """Builds the integer program of a calibrated `QResNet` (see the module docstring).
+
+  Raises ValueError for a never-calibrated activation quantizer, an accumulator that could
+  overflow int32 for a layer's shape and bit-widths, a requantization shift outside [1, 62],
+  or an unsupported bit-width.
+  """
+  from grassq.quant import qresnet
+
+  if not isinstance(model, qresnet.QResNet):
+    raise TypeError(f"to_program needs a grassq.quant.qresnet.QResNet, got {type(model)}")
+  b = _Builder(model, variables)
+  s8 = model.hawq_signed8
+  in_scale = b.act_scale("input_act", 8, True)
+  x = b.emit("quantize_input", "input_act", [], dict(bits=8, signed=True, scale=in_scale), {},
+             (in_scale, 8, True))
+  if model.stem in ("cifar", "imagenet"):
+    k, s = (3, 1) if model.stem == "cifar" else (7, 2)
+    x = b.conv(x, "stem_conv", (s, s), _pad(k))
+  elif model.stem == "deep":
+    for i, s in zip((1, 2, 3), (2, 1, 1)):
+      if i > 1:
+        bits = b.model_bits(f"stem_conv{i}")
+        x = b.act(x, f"stem_act{i - 1}", bits, s8 and bits == 8)
+      x = b.conv(x, f"stem_conv{i}", (s, s), _pad(3))
+  x = b.act(x, "stem_act", 8, s8)
+  if model.stem != "cifar":
+    meta = b.meta[x]
+    x = b.emit("max_pool", "stem_pool", [x], dict(window=(3, 3), strides=(2, 2),
+                                                  padding=((1, 1), (1, 1))), {}, meta)
+
+  for i, num_blocks in enumerate(model.stage_sizes):
+    for j in range(num_blocks):
+      path = f"stage{i + 1}_block{j}"
+      filters = model.num_filters * 2**i
+      strides = 2 if i > 0 and j == 0 else 1
+      x = _block(b, model, x, path, filters, strides)
+
+  pooled = b.emit("global_avg_pool", "pool", [x], {}, {}, b.meta[x])
+  head_bits = b.model_bits("head")
+  h = b.act(pooled, "head_act", head_bits, s8 and head_bits == 8)
+  acc = b.dense(h, "head")
+  s_acc = np.asarray(b.meta[acc][0])
+  out_scale = float(s_acc.max())  # one scale for every class: argmax is the prediction
+  logits = b.requant(acc, "logits", out_scale, 32, True)
+  return IntegerProgram(tuple(b.ops), tuple(image_shape), logits, out_scale, model.num_classes)
+
+
+def _block(b, model, x, path, filters, strides):
+  s8 = model.hawq_signed8
+  bottleneck = model.block == "bottleneck"
+
+  def act(t, name, conv_name):
+    bits = b.model_bits(f"{path}/{conv_name}")
+    return b.act(t, f"{path}/{name}", bits, s8 and bits == 8)
+
+  a = act(x, "act_in", "conv1")
+  if bottleneck:
+    s1, s3 = (strides, 1) if model.stride_on == "1x1" else (1, strides)
+    y = b.conv(a, f"{path}/conv1", (s1, s1), _pad(1))
+    y = act(y, "act1", "conv2")
+    y = b.conv(y, f"{path}/conv2", (s3, s3), _pad(3))
+    y = act(y, "act2", "conv3")
+    y = b.conv(y, f"{path}/conv3", (1, 1), _pad(1))
+  else:
+    y = b.conv(a, f"{path}/conv1", (strides, strides), _pad(3))
+    y = act(y, "act1", "conv2")
+    y = b.conv(y, f"{path}/conv2", (1, 1), _pad(3))
+  if "proj_conv" not in b._sub(b.params, path):
+    r = x
+  else:
+    src, st = a, strides
+    if model.shortcut == "avgpool" and strides != 1:
+      src = b.emit("avg_pool", f"{path}/proj_pool", [a],
+                   dict(window=(strides, strides), strides=(strides, strides)), {}, b.meta[a])
+      st = 1
+    r = b.conv(src, f"{path}/proj_conv", (st, st), _pad(1))
+  rng = b._sub(b.stats, f"{path}/add/range")
+  if not bool(np.asarray(rng["initialized"])):
+    raise ValueError(f"residual join {path}/add was never calibrated")
+  hi = float(np.asarray(rng["hi"]))
+  bits = qat.RESIDUAL_BITS
+  out_scale = hi / (2**bits - 1) if hi > 0 else 1.0
+  ya = b.requant(y, f"{path}/add_main", out_scale, 32, True, saturate=False)
+  ra = b.requant(r, f"{path}/add_shortcut", out_scale, 32, True, saturate=False)
+  return b.emit("add", f"{path}/add", [ya, ra], dict(lo=0, hi=2**bits - 1), {},
+                (out_scale, bits, False))
+
+
+# ----------------------------------------------------------------------------- interpreter
+
+
+def _storage(x, bits, signed):
+  """Narrows int32 values to the dtype the conv kernels take (int8/uint8 up to 8 bits)."""
+  if bits <= 8:
+    return x.astype(jnp.int8 if signed else jnp.uint8)
+  return x
+
+
+def _apply(op: Op, arrays, env):
+  a = op.attrs
+  if op.kind == "conv" or op.kind == "dense":
+    x = _storage(env[op.inputs[0]], a["in_bits"], a["in_signed"])
+    w = arrays["weight"]
+    if a["w_bits"] <= 4:
+      w = intops.unpack_int4(w, a["cout"])
+    if op.kind == "conv":
+      acc = intops.conv2d_int(x, w, a["strides"], a["padding"])
+    else:
+      acc = intops.dense_int(x, w)
+    return intops.add_bias(acc, arrays["bias"])
+  if op.kind == "requantize":
+    return requantize(env[op.inputs[0]], arrays["multiplier"], arrays["shift"], a["bits"],
+                      a["signed"], a["saturate"])
+  if op.kind == "add":
+    return intops.add_clamp(env[op.inputs[0]], env[op.inputs[1]], a["lo"], a["hi"])
+  if op.kind == "max_pool":
+    return intops.max_pool_int(env[op.inputs[0]], a["window"], a["strides"], a["padding"])
+  if op.kind == "avg_pool":
+    return intops.avg_pool_int(env[op.inputs[0]], a["window"], a["strides"],
+                               count_include_pad=False)
+  if op.kind == "global_avg_pool":
+    return intops.global_avg_pool_int(env[op.inputs[0]])
+  raise ValueError(f"unknown op kind {op.kind!r}")
+
+
+def quantize_input(program: IntegerProgram, images):
+  """Float (normalized) images -> the program's signed int8 input (the float/int boundary)."""
+  first = program.ops[0]
+  return quantizers.quantize_activation(images, np.float32(first.attrs["scale"]), 8, True)
+
+
+def program_arrays(program: IntegerProgram) -> dict:
+  """The program's arrays as a pytree {op index: {name: array}} (jit arguments, orbax leaves)."""
+  return {str(i): dict(op.arrays) for i, op in enumerate(program.ops) if op.arrays}
+
+
+def interpreter(program: IntegerProgram, all_outputs: bool = False):
+  """A jitted ``fn(arrays, x_int8) -> int32 logits`` for this program's structure.
+
+  With ``all_outputs`` it returns {op name: output} for every op (layer-by-layer comparisons).
+  """
+  ops = program.ops
+
+  def fn(arrays, x):
+    x = jnp.asarray(x)
+    if x.dtype != jnp.int8 or x.shape[1:] != tuple(program.input_shape):
+      raise ValueError(f"program input must be int8 (B, {program.input_shape}), got "
+                       f"{x.dtype} {x.shape}")
+    env = {ops[0].output: x.astype(jnp.int32)}
+    for i, op in enumerate(ops[1:], start=1):
+      env[op.output] = _apply(op, arrays.get(str(i), {}), env)
+    if all_outputs:
+      return {op.name: env[op.output] for op in ops}
+    return env[program.output]
+
+  return jax.jit(fn)
+
+
+def run(program: IntegerProgram, x_int8, fn=None):
+  """int32 logits of the program on int8 inputs (build `fn` once with `interpreter`)."""
+  fn = fn or interpreter(program)
+  return fn(program_arrays(program), x_int8)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _op_json(op: Op) -> dict:
+  def plain(v):
+    if isinstance(v, (tuple, list)):
+      return [plain(x) for x in v]
+    if isinstance(v, (np.integer, np.bool_)):
+      return v.item()
+    return v
+
+  return dict(kind=op.kind, name=op.name, inputs=list(op.inputs), output=op.output,
+              attrs={k: plain(v) for k, v in op.attrs.items()}, arrays=sorted(op.arrays))
+
+
+def save(program: IntegerProgram, path: str, overwrite: bool = False) -> None:
+  """Writes the program to directory `path`: ``arrays/`` (orbax) and ``program.json``.
+
+  The directory is assembled under a temporary name and renamed into place, so a reader never
+  sees half a program.
+  """
+  import shutil
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".program-tmp-")
+  meta = dict(version=PROGRAM_VERSION, input_shape=list(program.input_shape),
+              output=program.output, output_scale=program.output_scale,
+              num_classes=program.num_classes, ops=[_op_json(op) for op in program.ops])
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "arrays"), program_arrays(program))
+    ckptr.wait_until_finished()
+  with open(os.path.join(tmp, "program.json"), "w") as f:
+    json.dump(meta, f)
+  if os.path.exists(path):
+    old = tmp + "-old"
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, path)
+
+
+def load(path: str) -> IntegerProgram:
+  """Reads a program written by `save`."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "program.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"no integer program at {path} (missing program.json)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("version") != PROGRAM_VERSION:
+    raise ValueError(f"{path}: program version {meta.get('version')} is not {PROGRAM_VERSION}")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.join(path, "arrays"))
+
+  def tup(v):
+    return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+  ops = []
+  for i, o in enumerate(meta["ops"]):
+    arrays = {n: np.asarray(tree[str(i)][n]) for n in o["arrays"]}
+    ops.append(Op(o["kind"], o["name"], tuple(o["inputs"]), o["output"],
+                  {k: tup(v) for k, v in o["attrs"].items()}, arrays))
+  return IntegerProgram(tuple(ops), tuple(meta["input_shape"]), meta["output"],
+                        float(meta["output_scale"]), int(meta["num_classes"]))
