@@ -82,6 +82,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.grassmann_momentum = 0.9
   c.grassmann_retraction = "qr"  # qr | qr_cholesky | polar | exp
 
+  # HAWQV3 quantization-aware training (grassq.quant.qresnet): a per-layer bit dict; layers
+  # not in it get default_bits, except the first conv and the classifier (8 unless given).
+  c.quant = ml_collections.ConfigDict()
+  c.quant.enabled = False
+  c.quant.bits = ml_collections.ConfigDict()
+  c.quant.default_bits = 8
+  c.quant.hawq_signed8 = False
+  c.quant.fix_bn = False
+  # Start from another run's weights (e.g. a float checkpoint for QAT); ignored when resuming.
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
@@ -108,7 +119,8 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  return models.create_model(
+  """The float model of `config`, or its QAT twin when ``config.quant.enabled``."""
+  model = models.create_model(
       config.model,
       num_classes=num_classes,
       head=config.head,
@@ -116,6 +128,23 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
       head_kwargs=flax.core.FrozenDict(config.head_kwargs.to_dict()),
       **dict(config.model_kwargs),
   )
+  if config.quant.enabled:
+    from grassq.quant import qresnet
+
+    model = qresnet.quantized(model, bits=config.quant.bits.to_dict(),
+                              default_bits=config.quant.default_bits,
+                              hawq_signed8=config.quant.hawq_signed8, fix_bn=config.quant.fix_bn)
+  return model
+
+
+def initial_variables(config, state: TrainState) -> dict:
+  """The weights of ``config.init_from`` (a run directory), mapped onto this model's variables."""
+  _, variables, source = load_checkpoint(config.init_from)
+  if config.quant.enabled and not source.quant.enabled:
+    from grassq.quant import qresnet
+
+    return qresnet.from_float(variables, state.variables())
+  return variables
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
@@ -473,6 +502,11 @@ def train_and_evaluate(
   resumed_from = manager.latest_step()
   if resumed_from is not None:
     state = restore_state(manager, state, resumed_from)
+  elif config.init_from:
+    variables = jax.device_put(initial_variables(config, state), replicated)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                          opt_state=jax.jit(tx.init, out_shardings=replicated)(
+                              variables["params"]))
   start = int(jax.device_get(state.step))
   writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
 
