@@ -207,3 +207,31 @@ def test_every_config_builds_its_model_and_optimizer(name):
                                                           spec.image_shape))
   assert state.params["head"]
   assert config.batch_size > 0 and config.dataset in data.SPECS
+
+
+def test_qat_from_a_float_run_then_integer_program(reference, tmp_path):
+  from grassq import data
+  from grassq.quant import program as P
+
+  d, _, _ = reference
+  config = digits_smoke.get_config()
+  config.quant.enabled = True
+  config.init_from = str(d / "work")
+  config.num_train_steps = 6
+  config.learning_rate = 0.01
+  result = train.train_and_evaluate(config, str(tmp_path / "qat"))
+  model, variables, loaded = train.load_checkpoint(str(tmp_path / "qat"))
+  assert loaded.quant.enabled and type(model).__name__ == "QResNet"
+  # started from the float run's weights, not from a fresh init
+  _, fp_vars, _ = train.load_checkpoint(str(d / "work"))
+  k_fp = np.asarray(fp_vars["params"]["stage1_block0"]["conv1"]["kernel"])
+  k_q = np.asarray(variables["params"]["stage1_block0"]["conv1"]["kernel"])
+  assert np.abs(k_q - k_fp).max() < 0.1 * np.abs(k_fp).max()
+  spec = data.get_spec("digits")
+  images, labels = data.load_arrays("digits", "test")
+  prog = P.to_program(model, variables, spec.image_shape)
+  x = data.normalize(images, spec)
+  int_pred = np.asarray(P.run(prog, P.quantize_input(prog, x))).argmax(-1)
+  fake_pred = np.asarray(jax.jit(model.apply)(variables, x)).argmax(-1)
+  assert np.mean(int_pred == fake_pred) >= 0.95
+  assert abs(np.mean(fake_pred == labels) - result["test_accuracy"]) < 1e-6
