@@ -10,7 +10,6 @@ import math
 import hypothesis
 from hypothesis import strategies as st
 import jax
-from jax.extend import core as jex
 import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -259,34 +258,10 @@ def test_isqrt_matches_math_isqrt(dtype, hi):
     intops.isqrt(np.array([4, -1], np.int32))
 
 
-def _jaxpr_dtypes(jaxpr):
-  """Every dtype in a jaxpr, following nested jaxprs in any equation's params."""
-  if isinstance(jaxpr, jex.ClosedJaxpr):
-    for c in jaxpr.consts:
-      yield np.asarray(c).dtype
-    jaxpr = jaxpr.jaxpr
-  for v in list(jaxpr.invars) + list(jaxpr.constvars) + list(jaxpr.outvars):
-    yield v.aval.dtype
-  for eqn in jaxpr.eqns:
-    for v in list(eqn.invars) + list(eqn.outvars):
-      yield v.aval.dtype
-    stack = list(eqn.params.values())
-    while stack:
-      p = stack.pop()
-      if isinstance(p, (jex.Jaxpr, jex.ClosedJaxpr)):
-        yield from _jaxpr_dtypes(p)
-      elif isinstance(p, (list, tuple)):
-        stack.extend(p)
-      elif isinstance(p, dict):
-        stack.extend(p.values())
-      elif isinstance(p, np.dtype):
-        yield p
-
-
 def _float_dtypes(fn, *args):
   jaxpr = jax.make_jaxpr(jax.jit(fn))(*args)
   assert jaxpr.jaxpr.eqns[0].primitive.name in ("pjit", "jit")  # the walk has to recurse
-  return {d for d in _jaxpr_dtypes(jaxpr) if jnp.issubdtype(d, jnp.inexact)}
+  return intops.floating_dtypes(fn, *args)
 
 
 def test_jaxpr_walker_finds_nested_float_ops():

@@ -7,7 +7,8 @@ import math
 import hypothesis
 from hypothesis import strategies as st
 import jax
-from jax.extend import core as jex
+
+from grassq.quant import intops
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,31 +167,8 @@ def test_requantize_with_dyadic_scale_approximates_real_product():
   np.testing.assert_array_less(np.abs(q - acc * scales), 0.5 + np.abs(acc) * scales * 2.0**-31 + 1e-6)
 
 
-def _jaxpr_dtypes(jaxpr):
-  """Every dtype in a jaxpr: variables, literals, dtype params, nested jaxprs (pjit, cond...)."""
-  if isinstance(jaxpr, jex.ClosedJaxpr):
-    for x in jaxpr.consts:
-      yield np.asarray(x).dtype
-    jaxpr = jaxpr.jaxpr
-  for v in list(jaxpr.invars) + list(jaxpr.constvars) + list(jaxpr.outvars):
-    yield v.aval.dtype
-  for eqn in jaxpr.eqns:
-    for v in list(eqn.invars) + list(eqn.outvars):
-      yield v.aval.dtype
-    stack = list(eqn.params.values())
-    while stack:
-      p = stack.pop()
-      if isinstance(p, (jex.Jaxpr, jex.ClosedJaxpr)):
-        yield from _jaxpr_dtypes(p)
-      elif isinstance(p, (list, tuple)):
-        stack.extend(p)
-      elif isinstance(p, np.dtype):
-        yield p
-
-
 def _float_dtypes(fn, *args):
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  return {d for d in _jaxpr_dtypes(jaxpr) if jnp.issubdtype(d, jnp.inexact)}
+  return intops.floating_dtypes(fn, *args)
 
 
 def test_jaxpr_walker_finds_nested_float_ops():

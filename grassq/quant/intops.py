@@ -484,3 +484,39 @@ def check_accumulator_fits(fan_in, w_bits, a_bits, a_signed, bias_bound=0, what=
         f"int32 (fan_in={fan_in}, W{w_bits} x {sign} A{a_bits}, |bias| <= {bias_bound}); "
         f"the largest fan_in that fits is {max(max_fan_in, 0)}")
   return bits
+
+
+# ----------------------------------------------------------------------------- integer-only check
+
+
+def jaxpr_dtypes(jaxpr):
+  """Every dtype in a (closed) jaxpr: variables, constants, dtype parameters and nested jaxprs
+  (jit, custom_jvp, loops, conds) found anywhere in an equation's parameters."""
+  from jax.extend import core as jex
+
+  if isinstance(jaxpr, jex.ClosedJaxpr):
+    for c in jaxpr.consts:
+      yield np.asarray(c).dtype
+    jaxpr = jaxpr.jaxpr
+  for v in list(jaxpr.invars) + list(jaxpr.constvars) + list(jaxpr.outvars):
+    yield v.aval.dtype
+  for eqn in jaxpr.eqns:
+    for v in list(eqn.invars) + list(eqn.outvars):
+      yield v.aval.dtype
+    stack = list(eqn.params.values())
+    while stack:
+      p = stack.pop()
+      if isinstance(p, (jex.Jaxpr, jex.ClosedJaxpr)):
+        yield from jaxpr_dtypes(p)
+      elif isinstance(p, (list, tuple)):
+        stack.extend(p)
+      elif isinstance(p, dict):
+        stack.extend(p.values())
+      elif isinstance(p, np.dtype):
+        yield p
+
+
+def floating_dtypes(fn, *args) -> set:
+  """The floating-point dtypes anywhere in ``jit(fn)(*args)``'s jaxpr (empty: integer-only)."""
+  jaxpr = jax.make_jaxpr(jax.jit(fn))(*args)
+  return {d for d in jaxpr_dtypes(jaxpr) if jnp.issubdtype(d, jnp.inexact)}
