@@ -35,39 +35,16 @@ def _write_atomic(path, text):
   os.replace(tmp, path)
 
 
-def size_and_bops(program, input_shape):
-  """(size in MiB, GBOPs) of a program's conv/dense layers, and of the float32 model."""
-  import numpy as np
+def size_and_bops(model, bits, image_shape):
+  """Size (MiB) and GBOPs of `model` at uniform `bits` and at FP32 (grassq.quant.cost)."""
+  from grassq.quant import cost, qresnet
 
-  size_q = size_f = bops_q = bops_f = 0.0
-  h, w = input_shape[0], input_shape[1]
-  shapes = {program.ops[0].output: (h, w)}
-  for op in program.ops[1:]:
-    hw = shapes.get(op.inputs[0]) if op.inputs else None
-    a = op.attrs
-    if op.kind == "conv":
-      cout = a["cout"]
-      kh, kw, cin = op.arrays["weight"].shape[:3]
-      (pt, pb), (pl, pr) = a["padding"]
-      hw = ((hw[0] + pt + pb - kh) // a["strides"][0] + 1, (hw[1] + pl + pr - kw) // a["strides"][1] + 1)
-      params = kh * kw * cin * cout
-      macs = params * hw[0] * hw[1]
-    elif op.kind == "dense":
-      cin, cout = op.arrays["weight"].shape[0], a["cout"]
-      params = macs = cin * cout
-    else:
-      if op.kind in ("max_pool", "avg_pool"):
-        hw = (hw[0] // a["strides"][0], hw[1] // a["strides"][1])
-      shapes[op.output] = hw
-      continue
-    shapes[op.output] = hw
-    size_q += params * a["w_bits"] / 8
-    size_f += params * 4
-    bops_q += macs * a["w_bits"] * a["in_bits"]
-    bops_f += macs * 32 * 32
-  mib = 2.0**20
-  return dict(size_mib=size_q / mib, size_fp32_mib=size_f / mib, gbops=bops_q / 1e9,
-              gbops_fp32=bops_f / 1e9)
+  c = cost.layer_costs(model, image_shape)
+  n = cost.total_params(model, image_shape)
+  per_layer = {k: 8 if k in qresnet.PINNED_8BIT else bits for k in c}
+  return dict(size_mib=cost.model_size_mib(c, per_layer, n),
+              size_fp32_mib=cost.model_size_mib(c, 32, n, other_bits=32),
+              gbops=cost.bops(c, per_layer) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
 
 
 def run_scheme(name, bits, out):
@@ -112,7 +89,8 @@ def run_scheme(name, bits, out):
              integer_accuracy=float(np.mean(int_pred == labels)),
              integer_vs_fake_agreement=float(np.mean(int_pred == fake_pred)),
              qat_eval_accuracy=result.get("test_accuracy"),
-             **size_and_bops(program, spec.image_shape))
+             **size_and_bops(train.build_model(fp_config, spec.num_classes), bits,
+                             spec.image_shape))
   print(json.dumps(row), flush=True)
   return row
 

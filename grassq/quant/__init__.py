@@ -8,7 +8,7 @@ per-channel weights, unsigned activations after ReLU, int32 biases.
 `grassq.quant.intops` the integer-only primitives (conv, pools, int4 packing, isqrt).
 """
 
-from grassq.quant import intops, program, qat, qresnet
+from grassq.quant import cost, intops, program, qat, qresnet
 
 from grassq.quant.dyadic import (
     MAX_SHIFT,
@@ -32,6 +32,7 @@ from grassq.quant.quantizers import (
 )
 
 __all__ = [
+    "cost",
     "intops",
     "program",
     "qat",
