@@ -442,11 +442,10 @@ def evaluate(eval_fn, variables, images, labels, *, mesh, batch_size) -> dict:
   """Top-1 accuracy and mean loss of `variables` on in-memory (images, labels)."""
   check_batch_size(batch_size, mesh, "eval_batch_size")
   sharding = NamedSharding(mesh, P("data"))
-  step = eval_fn
   totals = {"correct": 0, "loss": 0.0, "count": 0}
   batches = _host_batches(images, labels, gdata.eval_batches(len(labels), batch_size), True)
   for batch in gdata.prefetch_to_device(batches, sharding):
-    out = jax.device_get(step(variables, batch))
+    out = jax.device_get(eval_fn(variables, batch))
     for k in totals:
       totals[k] += out[k].item()
   return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss"] / totals["count"]}
