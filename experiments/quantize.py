@@ -20,12 +20,12 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("fp_workdir", "runs/fmnist_resnet20", "Float run to quantize.")
 flags.DEFINE_string("out", "results/quant", "Output directory.")
-flags.DEFINE_list("schemes", ["w8a8", "w4a4"], "Uniform schemes to run.")
+flags.DEFINE_list("schemes", ["w8a8", "w4a8", "w4a4"], "Uniform schemes to run.")
 flags.DEFINE_float("epochs", 1.0, "QAT fine-tuning epochs.")
 flags.DEFINE_float("learning_rate", 0.005, "QAT learning rate (cosine to 0).")
 FLAGS = flags.FLAGS
 
-SCHEMES = {"w8a8": 8, "w4a4": 4}
+SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}  # (weight bits, activation bits)
 
 
 def _write_atomic(path, text):
@@ -35,19 +35,21 @@ def _write_atomic(path, text):
   os.replace(tmp, path)
 
 
-def size_and_bops(model, bits, image_shape):
-  """Size (MiB) and GBOPs of `model` at uniform `bits` and at FP32 (grassq.quant.cost)."""
+def size_and_bops(model, w_bits, a_bits, image_shape):
+  """Size (MiB) and GBOPs of `model` at uniform W/A bits and at FP32 (grassq.quant.cost)."""
   from grassq.quant import cost, qresnet
 
   c = cost.layer_costs(model, image_shape)
   n = cost.total_params(model, image_shape)
-  per_layer = {k: 8 if k in qresnet.PINNED_8BIT else bits for k in c}
-  return dict(size_mib=cost.model_size_mib(c, per_layer, n),
+  w = {k: 8 if k in qresnet.PINNED_8BIT else w_bits for k in c}
+  a = {k: 8 if k in qresnet.PINNED_8BIT else a_bits for k in c}
+  return dict(size_mib=cost.model_size_mib(c, w, n),
               size_fp32_mib=cost.model_size_mib(c, 32, n, other_bits=32),
-              gbops=cost.bops(c, per_layer) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
+              gbops=cost.bops(c, w, a) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
 
 
 def run_scheme(name, bits, out):
+  w_bits, a_bits = bits
   import jax
   import numpy as np
 
@@ -58,7 +60,8 @@ def run_scheme(name, bits, out):
   _, _, fp_config = train.load_checkpoint(FLAGS.fp_workdir)
   config = fp_config.copy_and_resolve_references()
   config.quant.enabled = True
-  config.quant.default_bits = bits
+  config.quant.default_bits = w_bits
+  config.quant.default_act_bits = a_bits
   config.init_from = FLAGS.fp_workdir
   config.num_epochs = FLAGS.epochs
   config.num_train_steps = -1
@@ -84,12 +87,12 @@ def run_scheme(name, bits, out):
     int_pred.append(np.asarray(fn(arrays, P.quantize_input(program, xf))).argmax(-1))
     fake_pred.append(np.asarray(fake_fn(variables, x)).argmax(-1))
   int_pred, fake_pred = np.concatenate(int_pred), np.concatenate(fake_pred)
-  row = dict(scheme=name, bits=bits, epochs=FLAGS.epochs,
+  row = dict(scheme=name, w_bits=w_bits, a_bits=a_bits, epochs=FLAGS.epochs,
              fake_quant_accuracy=float(np.mean(fake_pred == labels)),
              integer_accuracy=float(np.mean(int_pred == labels)),
              integer_vs_fake_agreement=float(np.mean(int_pred == fake_pred)),
              qat_eval_accuracy=result.get("test_accuracy"),
-             **size_and_bops(train.build_model(fp_config, spec.num_classes), bits,
+             **size_and_bops(train.build_model(fp_config, spec.num_classes), w_bits, a_bits,
                              spec.image_shape))
   print(json.dumps(row), flush=True)
   return row

@@ -88,6 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.quant.enabled = False
   c.quant.bits = ml_collections.ConfigDict()
   c.quant.default_bits = 8
+  c.quant.act_bits = ml_collections.ConfigDict()
+  c.quant.default_act_bits = 0  # 0: each layer's activations at its weight bits (W4A8: 8)
   c.quant.hawq_signed8 = False
   c.quant.fix_bn = False
   # Start from another run's weights (e.g. a float checkpoint for QAT); ignored when resuming.
@@ -133,6 +135,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 
     model = qresnet.quantized(model, bits=config.quant.bits.to_dict(),
                               default_bits=config.quant.default_bits,
+                              act_bits=config.quant.act_bits.to_dict(),
+                              default_act_bits=config.quant.default_act_bits,
                               hawq_signed8=config.quant.hawq_signed8, fix_bn=config.quant.fix_bn)
   return model
 

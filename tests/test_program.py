@@ -10,7 +10,7 @@ from grassq.quant import program as P
 from grassq.quant import qresnet
 
 
-def calibrated(bits=None, default_bits=8, n=3, model_name="resnet20"):
+def calibrated(bits=None, default_bits=8, n=3, model_name="resnet20", default_act_bits=0):
   model = create_model(model_name, 10, zero_init_residual=False)
   x0 = jnp.zeros((1, 28, 28, 1))
   v = jax.jit(model.init)(jax.random.key(1), x0)
@@ -18,7 +18,8 @@ def calibrated(bits=None, default_bits=8, n=3, model_name="resnet20"):
   for i in range(2):
     _, upd = step(v, jax.random.normal(jax.random.key(10 + i), (32, 28, 28, 1)))
     v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
-  q = qresnet.quantized(model, bits=bits, default_bits=default_bits, fix_bn=True)
+  q = qresnet.quantized(model, bits=bits, default_bits=default_bits,
+                        default_act_bits=default_act_bits, fix_bn=True)
   qv = qresnet.from_float(v, jax.jit(q.init)(jax.random.key(0), x0))
   qstep = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))
   for i in range(n):
@@ -108,3 +109,16 @@ def test_uncalibrated_and_wrong_inputs_are_refused(w8a8):
     fn(P.program_arrays(prog), jnp.zeros((2, 28, 28, 1), jnp.float32))
   with pytest.raises(TypeError, match="QResNet"):
     P.to_program(create_model("resnet20", 10), qv, (28, 28, 1))
+
+
+def test_w4a8_program_has_4bit_weights_and_8bit_activations():
+  q, qv = calibrated(default_bits=4, default_act_bits=8, n=2)
+  prog = P.to_program(q, qv, (28, 28, 1))
+  conv = prog.layer("stage2_block1/conv2")
+  assert conv.attrs["w_bits"] == 4 and conv.attrs["in_bits"] == 8
+  assert prog.layer("stage2_block1/act1").attrs["bits"] == 8
+  assert prog.layer("stem_conv").attrs["w_bits"] == 8 and prog.layer("head").attrs["w_bits"] == 8
+  x = jax.random.normal(jax.random.key(9), (32, 28, 28, 1))
+  fake = np.asarray(jax.jit(q.apply)(qv, x))
+  deq = np.asarray(P.run(prog, P.quantize_input(prog, x))) * prog.output_scale
+  assert np.mean(deq.argmax(-1) == fake.argmax(-1)) >= 0.9

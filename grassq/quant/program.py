@@ -156,11 +156,10 @@ class _Builder:
                      (s_w * s_in, 32, True))
 
   def model_bits(self, path):
-    m = self.model
-    bits = dict(m.bits)
-    from grassq.quant.qresnet import PINNED_8BIT
+    return self.model.weight_bits_of(path)
 
-    return int(bits.get(path, 8 if path in PINNED_8BIT else m.default_bits))
+  def act_bits(self, path):
+    return self.model.act_bits_of(path)
 
 
 def _pad(k):
@@ -190,7 +189,7 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
   elif model.stem == "deep":
     for i, s in zip((1, 2, 3), (2, 1, 1)):
       if i > 1:
-        bits = b.model_bits(f"stem_conv{i}")
+        bits = b.act_bits(f"stem_conv{i}")
         x = b.act(x, f"stem_act{i - 1}", bits, s8 and bits == 8)
       x = b.conv(x, f"stem_conv{i}", (s, s), _pad(3))
   x = b.act(x, "stem_act", 8, s8)
@@ -207,7 +206,7 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
       x = _block(b, model, x, path, filters, strides)
 
   pooled = b.emit("global_avg_pool", "pool", [x], {}, {}, b.meta[x])
-  head_bits = b.model_bits("head")
+  head_bits = b.act_bits("head")
   h = b.act(pooled, "head_act", head_bits, s8 and head_bits == 8)
   acc = b.dense(h, "head")
   s_acc = np.asarray(b.meta[acc][0])
@@ -221,7 +220,7 @@ def _block(b, model, x, path, filters, strides):
   bottleneck = model.block == "bottleneck"
 
   def act(t, name, conv_name):
-    bits = b.model_bits(f"{path}/{conv_name}")
+    bits = b.act_bits(f"{path}/{conv_name}")
     return b.act(t, f"{path}/{name}", bits, s8 and bits == 8)
 
   a = act(x, "act_in", "conv1")

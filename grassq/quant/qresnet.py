@@ -42,12 +42,15 @@ def _pad(k):
 class _Ctx:
   """What every layer of one forward pass needs: bits lookup, training flag, signedness."""
 
-  def __init__(self, bits, default_bits, train, hawq_signed8, fix_bn):
-    self.bits, self.default, self.train = bits, default_bits, train
-    self.hawq_signed8, self.fix_bn = hawq_signed8, fix_bn
+  def __init__(self, model, train):
+    self.model, self.train = model, train
+    self.hawq_signed8, self.fix_bn = model.hawq_signed8, model.fix_bn
 
   def b(self, name):
-    return int(self.bits.get(name, 8 if name in PINNED_8BIT else self.default))
+    return self.model.weight_bits_of(name)
+
+  def a(self, name):
+    return self.model.act_bits_of(name)
 
   def act(self, x, bits, name):
     signed = self.hawq_signed8 and bits == 8
@@ -67,9 +70,9 @@ class QBasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     c, prefix = self.ctx, self.name + "/"
-    a = c.act(x, c.b(prefix + "conv1"), "act_in")
+    a = c.act(x, c.a(prefix + "conv1"), "act_in")
     y = nn.relu(c.convbn(a, self.filters, 3, self.strides, "conv1"))
-    y = c.act(y, c.b(prefix + "conv2"), "act1")
+    y = c.act(y, c.a(prefix + "conv2"), "act1")
     y = c.convbn(y, self.filters, 3, 1, "conv2")
     r = _qshortcut(c, x, a, self.filters, self.strides, self.shortcut)
     return qat.QuantAdd(name="add")(y, r, c.train)
@@ -87,11 +90,11 @@ class QBottleneckBlock(nn.Module):
     c, prefix = self.ctx, self.name + "/"
     s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
     out = self.filters * 4
-    a = c.act(x, c.b(prefix + "conv1"), "act_in")
+    a = c.act(x, c.a(prefix + "conv1"), "act_in")
     y = nn.relu(c.convbn(a, self.filters, 1, s1, "conv1"))
-    y = c.act(y, c.b(prefix + "conv2"), "act1")
+    y = c.act(y, c.a(prefix + "conv2"), "act1")
     y = nn.relu(c.convbn(y, self.filters, 3, s3, "conv2"))
-    y = c.act(y, c.b(prefix + "conv3"), "act2")
+    y = c.act(y, c.a(prefix + "conv3"), "act2")
     y = c.convbn(y, out, 1, 1, "conv3")
     r = _qshortcut(c, x, a, out, self.strides, self.shortcut)
     return qat.QuantAdd(name="add")(y, r, c.train)
@@ -115,8 +118,11 @@ class QResNet(nn.Module):
 
   Attributes (as `grassq.models.ResNet`, plus):
     bits: per-layer bit-widths {layer name: bits}; missing layers get `default_bits`, except
-      the first conv and the head, pinned at 8 unless given.
+      the first conv and the head, pinned at 8 unless given. As in HAWQV3 a layer's bits apply
+      to its weights and to the activations it reads, unless `act_bits` says otherwise.
     default_bits: bit-width of layers not in `bits`.
+    act_bits, default_act_bits: activation bit-widths by layer, and for the rest (0: the
+      layer's weight bits). W4A8 is ``default_bits=4, default_act_bits=8``.
     hawq_signed8: signed 8-bit activations as in HAWQV3 (default: unsigned after ReLU).
     fix_bn: fold BatchNorm with running statistics in training too (late QAT).
   """
@@ -134,15 +140,29 @@ class QResNet(nn.Module):
   zero_init_residual: bool = True
   bits: Mapping[str, int] = FrozenDict()
   default_bits: int = 8
+  act_bits: Mapping[str, int] = FrozenDict()
+  default_act_bits: int = 0
   hawq_signed8: bool = False
   fix_bn: bool = False
+
+  def weight_bits_of(self, name: str) -> int:
+    """Weight bit-width of layer `name` (first conv and classifier: 8 unless given)."""
+    return int(self.bits.get(name, 8 if name in PINNED_8BIT else self.default_bits))
+
+  def act_bits_of(self, name: str) -> int:
+    """Bit-width of the activations layer `name` reads (default: its weight bit-width)."""
+    if name in self.act_bits:
+      return int(self.act_bits[name])
+    if self.default_act_bits and name not in PINNED_8BIT:
+      return int(self.default_act_bits)
+    return self.weight_bits_of(name)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     if self.head != "linear":
       raise NotImplementedError(
           f"QResNet supports the linear head so far, not {self.head!r}")
-    c = _Ctx(dict(self.bits), self.default_bits, train, self.hawq_signed8, self.fix_bn)
+    c = _Ctx(self, train)
     x = qat.QuantAct(8, True, name="input_act")(x.astype(jnp.float32), train)
     if self.stem in ("cifar", "imagenet"):
       k, s = (3, 1) if self.stem == "cifar" else (7, 2)
@@ -151,7 +171,7 @@ class QResNet(nn.Module):
       widths = (self.num_filters // 2, self.num_filters // 2, self.num_filters)
       for i, (w, s) in enumerate(zip(widths, (2, 1, 1)), start=1):
         if i > 1:
-          x = c.act(x, c.b(f"stem_conv{i}"), f"stem_act{i - 1}")
+          x = c.act(x, c.a(f"stem_conv{i}"), f"stem_act{i - 1}")
         x = nn.relu(c.convbn(x, w, 3, s, f"stem_conv{i}"))
     else:
       raise ValueError(f"unknown stem {self.stem!r}; available: cifar, deep, imagenet")
@@ -173,18 +193,20 @@ class QResNet(nn.Module):
                       shortcut=self.shortcut, ctx=c, name=f"stage{i + 1}_block{j}")(x)
 
     features = jnp.mean(x, axis=(1, 2))
-    q = c.act(features, c.b("head"), "head_act")
+    q = c.act(features, c.a("head"), "head_act")
     logits = qat.QuantDense(self.num_classes, c.b("head"), name="head")(q)
     return (logits, features) if return_features else logits
 
 
 def quantized(model, bits: Mapping[str, int] | None = None, default_bits: int = 8,
+              act_bits: Mapping[str, int] | None = None, default_act_bits: int = 0,
               **kwargs) -> QResNet:
   """The QAT twin of a float `grassq.models.ResNet` (same architecture fields)."""
   fields = {f: getattr(model, f) for f in (
       "stage_sizes", "num_classes", "block", "num_filters", "stem", "stride_on", "shortcut",
       "head", "head_kwargs", "dtype", "zero_init_residual")}
-  return QResNet(**fields, bits=FrozenDict(bits or {}), default_bits=default_bits, **kwargs)
+  return QResNet(**fields, bits=FrozenDict(bits or {}), default_bits=default_bits,
+                 act_bits=FrozenDict(act_bits or {}), default_act_bits=default_act_bits, **kwargs)
 
 
 def layer_names(model: QResNet, image_shape: Sequence[int]) -> list[str]:
