@@ -106,7 +106,19 @@ def main(argv):
 
   os.makedirs(FLAGS.out, exist_ok=True)
   fp = train.evaluate_checkpoint(FLAGS.fp_workdir)
-  rows = [run_scheme(s, SCHEMES[s], FLAGS.out) for s in FLAGS.schemes]
+  unknown = set(FLAGS.schemes) - set(SCHEMES)
+  if unknown:
+    raise app.UsageError(f"unknown schemes {sorted(unknown)}; available: {list(SCHEMES)}")
+  path = os.path.join(FLAGS.out, "results.json")
+  done = {}
+  if os.path.exists(path):  # keep the rows of schemes not run this time
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("fp_workdir") == FLAGS.fp_workdir:
+      done = {r["scheme"]: r for r in old["schemes"]}
+  for s in FLAGS.schemes:
+    done[s] = run_scheme(s, SCHEMES[s], FLAGS.out)
+  rows = [done[s] for s in SCHEMES if s in done]
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], schemes=rows)
   _write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
   lines = ["| scheme | QAT epochs | FP32 acc. (%) | fake-quant acc. (%) | integer-only acc. (%) | "
