@@ -1,0 +1,16 @@
+"""Copies results/gcr/table.md and results/quant/table.md into README.md between their markers."""
+
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+readme = os.path.join(ROOT, "README.md")
+text = open(readme).read()
+for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results/quant/table.md")):
+  table = open(os.path.join(ROOT, src)).read().strip()
+  pattern = re.compile(rf"(<!-- {tag} [^>]*-->\n).*?(\n<!-- /{tag} -->)", re.S)
+  text, n = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)
+  assert n == 1, f"marker {tag} not found exactly once"
+tmp = readme + ".tmp"
+open(tmp, "w").write(text)
+os.replace(tmp, readme)
