@@ -122,3 +122,37 @@ def test_w4a8_program_has_4bit_weights_and_8bit_activations():
   fake = np.asarray(jax.jit(q.apply)(qv, x))
   deq = np.asarray(P.run(prog, P.quantize_input(prog, x))) * prog.output_scale
   assert np.mean(deq.argmax(-1) == fake.argmax(-1)) >= 0.9
+
+
+def test_integer_grassmann_head_agrees_with_fake_quant(tmp_path):
+  model = create_model("resnet20", 10, head="grassmann", head_kwargs={"subspace_dim": 4},
+                       zero_init_residual=False)
+  x0 = jnp.zeros((1, 28, 28, 1))
+  v = jax.jit(model.init)(jax.random.key(1), x0)
+  step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+  for i in range(2):
+    _, upd = step(v, jax.random.normal(jax.random.key(30 + i), (32, 28, 28, 1)))
+    v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
+  q = qresnet.quantized(model, fix_bn=True)
+  qv = qresnet.from_float(v, jax.jit(q.init)(jax.random.key(0), x0))
+  np.testing.assert_array_equal(qv["params"]["head"]["bases"], v["params"]["head"]["bases"])
+  qstep = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))
+  for i in range(3):
+    _, upd = qstep(qv, jax.random.normal(jax.random.key(40 + i), (32, 28, 28, 1)))
+    qv = {**qv, "batch_stats": upd["batch_stats"]}
+  prog = P.to_program(q, qv, (28, 28, 1))
+  assert prog.ops[-1].kind == "grassmann_head"
+  x = jax.random.normal(jax.random.key(11), (64, 28, 28, 1))
+  fake = np.asarray(jax.jit(q.apply)(qv, x))
+  assert fake.min() >= 0 and fake.max() <= 25.0 + 1e-4
+  logits = np.asarray(P.run(prog, P.quantize_input(prog, x)))
+  assert logits.dtype == np.int32
+  deq = logits * prog.output_scale
+  assert np.abs(deq - fake).max() < 0.05 * 25
+  assert np.mean(deq.argmax(-1) == fake.argmax(-1)) >= 0.9
+  from grassq.quant import intops
+  assert intops.floating_dtypes(P.interpreter(prog), P.program_arrays(prog),
+                                jnp.zeros((2, 28, 28, 1), jnp.int8)) == set()
+  P.save(prog, str(tmp_path / "gcr"))
+  np.testing.assert_array_equal(P.run(P.load(str(tmp_path / "gcr")), P.quantize_input(prog, x)),
+                                logits)

@@ -208,11 +208,57 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
   pooled = b.emit("global_avg_pool", "pool", [x], {}, {}, b.meta[x])
   head_bits = b.act_bits("head")
   h = b.act(pooled, "head_act", head_bits, s8 and head_bits == 8)
-  acc = b.dense(h, "head")
-  s_acc = np.asarray(b.meta[acc][0])
-  out_scale = float(s_acc.max())  # one scale for every class: argmax is the prediction
-  logits = b.requant(acc, "logits", out_scale, 32, True)
+  if model.head == "grassmann":
+    logits, out_scale = _grassmann_head(b, model, h)
+  else:
+    acc = b.dense(h, "head")
+    s_acc = np.asarray(b.meta[acc][0])
+    out_scale = float(s_acc.max())  # one scale for every class: argmax is the prediction
+    logits = b.requant(acc, "logits", out_scale, 32, True)
   return IntegerProgram(tuple(b.ops), tuple(image_shape), logits, out_scale, model.num_classes)
+
+
+def _grassmann_head(b, model, h):
+  """Integer GCR logits: ⌊‖p_i‖·M / ‖x‖⌋ with p = requantized Sᵀx and both norms by isqrt.
+
+  The projections are requantized to PROJECTION_BITS signed so that Σ_k p² fits int32; the
+  feature norm² Σ x² of unsigned 8-bit features fits for n < 33,025. M = round(γ·s_p/s_x·2^F)
+  puts the logits at the output scale 2^−F, with F chosen so that ‖p‖·M fits int32.
+  """
+  kw = dict(model.head_kwargs)
+  k, gamma = int(kw.get("subspace_dim", 8)), float(kw.get("scale", 25.0))
+  pbits = qat.PROJECTION_BITS
+  bases = b.params["head"]["bases"]
+  num_classes, n, _ = bases.shape
+  w_bits = b.model_bits("head")
+  q, s_w = quantizers.quantize_weight(qat.bases_as_kernel(bases), w_bits)
+  q, s_w = np.asarray(q), np.asarray(s_w, np.float64)
+  s_x, a_bits, a_signed = b.meta[h]
+  intops.check_accumulator_fits(n, w_bits, a_bits, a_signed, what="head (projection)")
+  qmax = 2**(pbits - 1) - 1
+  if k * qmax * qmax >= 2**31:
+    raise ValueError(f"head: {k} projections of {pbits} bits overflow int32 when squared")
+  if a_signed or n * (2**a_bits - 1)**2 >= 2**31:
+    raise ValueError("head: the integer Grassmann head needs unsigned features with n·(2^b−1)² "
+                     "< 2^31")
+  r = b._sub(b.stats, "head/proj_range")
+  if not bool(np.asarray(r["initialized"])):
+    raise ValueError("head/proj_range was never calibrated")
+  amax = max(abs(float(np.asarray(r["lo"]))), abs(float(np.asarray(r["hi"]))))
+  s_p = amax / qmax if amax > 0 else 1.0
+  m, c = dyadic(s_w * s_x / s_p)
+  ratio = gamma * s_p / s_x
+  norm_max = int(np.ceil(np.sqrt(k))) * qmax
+  frac = int(np.floor(np.log2((2**31 - 1) / norm_max / ratio)))
+  big_m = int(round(ratio * 2.0**frac))
+  weight = intops.pack_int4(q) if w_bits <= 4 else q.astype(np.int8)
+  out = b.emit("grassmann_head", "head", [h],
+               dict(num_classes=num_classes, subspace_dim=k, proj_bits=pbits, w_bits=w_bits,
+                    cout=num_classes * k, in_bits=a_bits, in_signed=a_signed, norm_multiplier=big_m),
+               dict(weight=weight, multiplier=np.asarray(m, np.int32),
+                    shift=np.asarray(c, np.int32)),
+               (2.0**-frac, 32, True))
+  return out, 2.0**-frac
 
 
 def _block(b, model, x, path, filters, strides):
@@ -278,6 +324,17 @@ def _apply(op: Op, arrays, env):
     else:
       acc = intops.dense_int(x, w)
     return intops.add_bias(acc, arrays["bias"])
+  if op.kind == "grassmann_head":
+    x = env[op.inputs[0]]
+    w = arrays["weight"]
+    if a["w_bits"] <= 4:
+      w = intops.unpack_int4(w, a["cout"])
+    acc = intops.dense_int(_storage(x, a["in_bits"], a["in_signed"]), w)
+    p = requantize(acc, arrays["multiplier"], arrays["shift"], a["proj_bits"], True)
+    p = p.reshape(*p.shape[:-1], a["num_classes"], a["subspace_dim"])
+    norm = intops.isqrt(jnp.sum(p * p, axis=-1))
+    xnorm = jnp.maximum(intops.isqrt(jnp.sum(x * x, axis=-1, keepdims=True)), 1)
+    return (norm * a["norm_multiplier"]) // xnorm
   if op.kind == "requantize":
     return requantize(env[op.inputs[0]], arrays["multiplier"], arrays["shift"], a["bits"],
                       a["signed"], a["saturate"])

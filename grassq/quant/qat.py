@@ -190,3 +190,50 @@ class QuantAdd(nn.Module):
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if self.signed else jnp.maximum(hi, 0.0)
     scale = jnp.where(amax > 0, amax / qmax, 1.0)
     return jnp.where(seen, fake_quant_add(a, b, scale, self.bits, self.signed), total)
+
+
+PROJECTION_BITS = 12  # projection coordinates: k * (2^11)^2 fits int32 for k <= 511
+
+
+def bases_as_kernel(bases):
+  """(C, n, k) class bases -> an (n, C·k) kernel: one output channel per basis column."""
+  c, n, k = bases.shape
+  return jnp.transpose(bases, (1, 0, 2)).reshape(n, c * k)
+
+
+class QuantGrassmannHead(nn.Module):
+  """The GCR head with fake-quant bases and projections (the integer program's twin).
+
+  Bases (parameter ``bases``, float32, trained by `grassq.optim` like `GrassmannHead`'s) are
+  fake-quantized per basis column; the projections p = Sᵀx are fake-quantized to `proj_bits`
+  signed with a tracked range; logits = scale·‖p_i‖ / ‖x‖ (safe norms).
+  """
+
+  num_classes: int
+  subspace_dim: int = 8
+  scale: float = 25.0
+  weight_bits: int = 8
+  proj_bits: int = PROJECTION_BITS
+  momentum: float = 0.99
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    from grassq import grassmann
+    from grassq.heads import safe_norm
+
+    quantizers.qrange(self.weight_bits, True)
+    n = x.shape[-1]
+    if not 0 < self.subspace_dim <= n:
+      raise ValueError(f"subspace_dim={self.subspace_dim} must satisfy 0 < k <= n = {n}")
+    bases = self.param("bases", lambda key, shape: grassmann.random_bases(key, *shape),
+                       (self.num_classes, n, self.subspace_dim))
+    w = quantizers.fake_quant_weight(bases_as_kernel(bases), self.weight_bits)
+    x = x.astype(jnp.float32)
+    p = x @ w
+    lo, hi, seen = _RangeTracker(self.momentum, name="proj_range")(p, train)
+    qmax = 2**(self.proj_bits - 1) - 1
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    s = jnp.where(amax > 0, amax / qmax, 1.0)
+    pq = jnp.clip(quantizers.round_ste(p / s), -qmax, qmax) * s
+    p = jnp.where(seen, pq, p).reshape(*x.shape[:-1], self.num_classes, self.subspace_dim)
+    return self.scale * safe_norm(p, axis=-1) / safe_norm(x, axis=-1, keepdims=True)

@@ -159,9 +159,9 @@ class QResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    if self.head != "linear":
+    if self.head not in ("linear", "grassmann"):
       raise NotImplementedError(
-          f"QResNet supports the linear head so far, not {self.head!r}")
+          f"QResNet supports the linear and grassmann heads, not {self.head!r}")
     c = _Ctx(self, train)
     x = qat.QuantAct(8, True, name="input_act")(x.astype(jnp.float32), train)
     if self.stem in ("cifar", "imagenet"):
@@ -194,7 +194,11 @@ class QResNet(nn.Module):
 
     features = jnp.mean(x, axis=(1, 2))
     q = c.act(features, c.a("head"), "head_act")
-    logits = qat.QuantDense(self.num_classes, c.b("head"), name="head")(q)
+    if self.head == "grassmann":
+      logits = qat.QuantGrassmannHead(self.num_classes, weight_bits=c.b("head"), name="head",
+                                      **dict(self.head_kwargs))(q, train)
+    else:
+      logits = qat.QuantDense(self.num_classes, c.b("head"), name="head")(q)
     return (logits, features) if return_features else logits
 
 
@@ -215,7 +219,7 @@ def layer_names(model: QResNet, image_shape: Sequence[int]) -> list[str]:
   names = []
   for path, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
     keys = [p.key for p in path]
-    if keys[-1] == "kernel":
+    if keys[-1] in ("kernel", "bases"):
       names.append("/".join(keys[:-1]))
 
   def forward_order(name):
@@ -243,7 +247,9 @@ def from_float(float_variables: Mapping, qat_variables: Mapping) -> dict:
   def fill(qp, qs, p, s, where):
     for name, sub in qp.items():
       try:
-        if name == "head":
+        if name == "head" and "bases" in sub:
+          sub.update(bases=p["head"]["bases"])
+        elif name == "head":
           sub.update(kernel=p["head"]["dense"]["kernel"], bias=p["head"]["dense"]["bias"])
         elif "kernel" in sub:  # a QuantConvBN
           bn = name.replace("conv", "bn")
@@ -256,10 +262,11 @@ def from_float(float_variables: Mapping, qat_variables: Mapping) -> dict:
                          f"{where}{name}: different architectures?") from None
 
   fill(params, stats, fp, fs, "")
+  weights = ("kernel", "bases")
   n_float = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(fp)[0]
-                if path[-1].key == "kernel")
+                if path[-1].key in weights)
   n_qat = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-              if path[-1].key == "kernel")
+              if path[-1].key in weights)
   if n_float != n_qat:
     raise ValueError(f"float variables have {n_float} conv/dense kernels, the QAT model "
                      f"{n_qat}: different architectures")
