@@ -1,4 +1,4 @@
-"""Copies results/gcr/table.md and results/quant/table.md into README.md between their markers."""
+"""Copies the results tables (results/*/table.md) into README.md between their markers."""
 
 import os
 import re
@@ -6,7 +6,8 @@ import re
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 readme = os.path.join(ROOT, "README.md")
 text = open(readme).read()
-for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results/quant/table.md")):
+for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results/quant/table.md"),
+                 ("quant-gcr-table", "results/quant_gcr/table.md")):
   table = open(os.path.join(ROOT, src)).read().strip()
   pattern = re.compile(rf"(<!-- {tag} [^>]*-->\n).*?(\n<!-- /{tag} -->)", re.S)
   text, n = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)
