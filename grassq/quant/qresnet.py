@@ -20,6 +20,7 @@ model's initial QAT variables.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Mapping, Sequence
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from grassq.models.resnet import ResNet
 from grassq.quant import qat
 
 PINNED_8BIT = ("stem_conv", "stem_conv1", "head")  # first conv and the classifier stay 8-bit
@@ -113,8 +115,8 @@ def _qshortcut(c, x, a, out_features, strides, kind):
   return c.convbn(a, out_features, 1, strides, "proj_conv")
 
 
-class QResNet(nn.Module):
-  """Quantization-aware ResNet (see the module docstring). Linear head only for now.
+class QResNet(ResNet):
+  """Quantization-aware ResNet (see the module docstring); the architecture fields are ResNet's. Linear head only for now.
 
   Attributes (as `grassq.models.ResNet`, plus):
     bits: per-layer bit-widths {layer name: bits}; missing layers get `default_bits`, except
@@ -127,17 +129,6 @@ class QResNet(nn.Module):
     fix_bn: fold BatchNorm with running statistics in training too (late QAT).
   """
 
-  stage_sizes: Sequence[int]
-  num_classes: int
-  block: str = "bottleneck"
-  num_filters: int = 64
-  stem: str = "imagenet"
-  stride_on: str = "3x3"
-  shortcut: str = "conv"
-  head: str = "linear"
-  head_kwargs: Mapping[str, Any] = FrozenDict()
-  dtype: Any = jnp.float32
-  zero_init_residual: bool = True
   bits: Mapping[str, int] = FrozenDict()
   default_bits: int = 8
   act_bits: Mapping[str, int] = FrozenDict()
@@ -206,9 +197,8 @@ def quantized(model, bits: Mapping[str, int] | None = None, default_bits: int = 
               act_bits: Mapping[str, int] | None = None, default_act_bits: int = 0,
               **kwargs) -> QResNet:
   """The QAT twin of a float `grassq.models.ResNet` (same architecture fields)."""
-  fields = {f: getattr(model, f) for f in (
-      "stage_sizes", "num_classes", "block", "num_filters", "stem", "stride_on", "shortcut",
-      "head", "head_kwargs", "dtype", "zero_init_residual")}
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet)
+            if f.init and f.name not in ("parent", "name")}
   return QResNet(**fields, bits=FrozenDict(bits or {}), default_bits=default_bits,
                  act_bits=FrozenDict(act_bits or {}), default_act_bits=default_act_bits, **kwargs)
 
