@@ -3,11 +3,12 @@
   python -m experiments.quantize --fp_workdir runs/fmnist_resnet20 --out results/quant
   python -m experiments.quantize --fp_workdir runs/fmnist_resnet20 --schemes w8a8 --epochs 0.5
 
-For every scheme (uniform W8A8 and W4A4 for now; the first conv and the classifier stay 8-bit)
+For every scheme (uniform W8A8, W4A8 and W4A4; the first conv and the classifier stay 8-bit)
 it fine-tunes the float run with fake-quant layers (``OUT/runs/SCHEME``, resumable), converts the
 result to an integer program (``OUT/programs/SCHEME``), runs the int32 interpreter on the whole
 test set, and writes ``OUT/table.md`` / ``OUT/results.json``: accuracy (float, fake-quant,
-integer-only), top-1 agreement of integer vs fake-quant, model size and BOPs.
+integer-only), top-1 agreement of integer vs fake-quant, the largest per-layer difference in
+LSBs (``OUT/layers_SCHEME.json`` has every layer's), model size and BOPs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ def size_and_bops(model, w_bits, a_bits, image_shape):
 
 def run_scheme(name, bits, out):
   w_bits, a_bits = bits
-  import jax
   import numpy as np
 
   from grassq import data, train
@@ -77,25 +77,29 @@ def run_scheme(name, bits, out):
   P.save(program, prog_dir, overwrite=True)
 
   images, labels = data.load_arrays(config.dataset, spec.eval_split, config.data_dir)
-  fn = P.interpreter(program)
-  arrays = P.program_arrays(program)
-  fake_fn = jax.jit(lambda v, x: model.apply(v, data.normalize(x, spec)))
-  int_pred, fake_pred = [], []
-  for i in range(0, len(labels), 500):
-    x = images[i:i + 500]
-    xf = data.normalize(x, spec)
-    int_pred.append(np.asarray(fn(arrays, P.quantize_input(program, xf))).argmax(-1))
-    fake_pred.append(np.asarray(fake_fn(variables, x)).argmax(-1))
-  int_pred, fake_pred = np.concatenate(int_pred), np.concatenate(fake_pred)
+  rep = P.layer_report(program, model, variables, np.asarray(data.normalize(images, spec)))
+  int_pred, fake_pred = rep["integer_pred"], rep["fake_pred"]
+  acts = {k: v for k, v in rep["layers"].items() if v["bits"] <= 8}
+  worst = max(acts, key=lambda k: (acts[k]["max_lsb"], acts[k]["mean_lsb"]))
+  layers = {k: v for k, v in rep.items() if k not in ("integer_pred", "fake_pred")}
+  _write_atomic(os.path.join(out, f"layers_{name}.json"), json.dumps(layers, indent=1))
   row = dict(scheme=name, w_bits=w_bits, a_bits=a_bits, epochs=FLAGS.epochs,
              fake_quant_accuracy=float(np.mean(fake_pred == labels)),
              integer_accuracy=float(np.mean(int_pred == labels)),
              integer_vs_fake_agreement=float(np.mean(int_pred == fake_pred)),
+             max_act_lsb=acts[worst]["max_lsb"], max_act_lsb_layer=worst,
+             mean_act_lsb=float(np.mean([v["mean_lsb"] for v in acts.values()])),
              qat_eval_accuracy=result.get("test_accuracy"),
              **size_and_bops(train.build_model(fp_config, spec.num_classes), w_bits, a_bits,
                              spec.image_shape))
   print(json.dumps(row), flush=True)
   return row
+
+
+def _lsb(row):
+  if "max_act_lsb" not in row:  # a row from before the per-layer report
+    return "n/a"
+  return f"{row['max_act_lsb']} ({row['max_act_lsb_layer']}; mean {row['mean_act_lsb']:.3f})"
 
 
 def main(argv):
@@ -122,11 +126,12 @@ def main(argv):
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], schemes=rows)
   _write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
   lines = ["| scheme | QAT epochs | FP32 acc. (%) | fake-quant acc. (%) | integer-only acc. (%) | "
-           "integer = fake-quant top-1 (%) | size (MiB) | GBOPs |", "|---|---|---|---|---|---|---|---|"]
+           "integer = fake-quant top-1 (%) | largest activation Δ, LSB (layer) | size (MiB) | GBOPs |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['scheme'].upper()} | {r['epochs']:g} | {100 * fp['accuracy']:.2f} | "
                  f"{100 * r['fake_quant_accuracy']:.2f} | {100 * r['integer_accuracy']:.2f} | "
-                 f"{100 * r['integer_vs_fake_agreement']:.2f} | {r['size_mib']:.4f} "
+                 f"{100 * r['integer_vs_fake_agreement']:.2f} | {_lsb(r)} | {r['size_mib']:.4f} "
                  f"(FP32 {r['size_fp32_mib']:.4f}) | {r['gbops']:.3f} (FP32 {r['gbops_fp32']:.2f}) |")
   table = "\n".join(lines) + "\n"
   _write_atomic(os.path.join(FLAGS.out, "table.md"), table)

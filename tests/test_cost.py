@@ -41,3 +41,13 @@ def test_layer_names_match_the_bit_dict_and_mixed_bits_count(resnet18):
   assert cost.bops(c, 8) - cost.bops(c, bits) == saved
   assert cost.model_size_mib(c, 8, n) - cost.model_size_mib(c, bits, n) == pytest.approx(
       c["stage4_block1/conv2"]["params"] * 4 / 8 / 2**20)
+
+
+def test_grassmann_head_is_counted():
+  m = create_model("resnet20", 10, head="grassmann", head_kwargs={"subspace_dim": 8})
+  c = cost.layer_costs(m, (28, 28, 1))
+  assert c["head"] == {"params": 10 * 64 * 8, "macs": 10 * 64 * 8}
+  q = qresnet.quantized(m)
+  assert sorted(qresnet.layer_names(q, (28, 28, 1))) == sorted(c)
+  lin = cost.layer_costs(create_model("resnet20", 10), (28, 28, 1))
+  assert {k: v for k, v in c.items() if k != "head"} == {k: v for k, v in lin.items() if k != "head"}

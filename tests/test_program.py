@@ -1,5 +1,7 @@
 """The integer program: conversion from a calibrated QAT ResNet, the int32 interpreter, save/load."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,52 @@ def test_integer_grassmann_head_agrees_with_fake_quant(tmp_path):
   P.save(prog, str(tmp_path / "gcr"))
   np.testing.assert_array_equal(P.run(P.load(str(tmp_path / "gcr")), P.quantize_input(prog, x)),
                                 logits)
+
+
+def test_layer_report_counts_lsbs_and_localises_a_fault(w8a8):
+  q, qv, prog, _ = w8a8
+  x = np.asarray(jax.random.normal(jax.random.key(12), (48, 28, 28, 1)))
+  rep = P.layer_report(prog, q, qv, x, batch_size=24)
+  names = list(rep["layers"])
+  assert names[0] == "input_act" and "stage3_block2/add" in names and names[-1] == "head_act"
+  assert rep["layers"]["input_act"]["max_lsb"] == 0  # the same quantizer on both sides
+  # A random network amplifies 1-LSB rounding differences with depth; bound them loosely.
+  for r in rep["layers"].values():
+    assert r["max_lsb"] <= 16 * 2**(r["bits"] - 8), rep["layers"]
+  assert rep["top1_agreement"] >= 0.9
+  # A fault injected into one requantization shows up there and not before it.
+  ops = list(prog.ops)
+  i = next(j for j, op in enumerate(ops) if op.name == "stage2_block1/act1")
+  m = ops[i].arrays["multiplier"].copy()
+  m[0] = m[0] // 2 + 2**29  # channel 0's scale off by about 25 %
+  ops[i] = dataclasses.replace(ops[i], arrays={**ops[i].arrays, "multiplier": m})
+  bad = dataclasses.replace(prog, ops=tuple(ops))
+  rep2 = P.layer_report(bad, q, qv, x, batch_size=48)
+  assert rep2["layers"]["stage2_block1/act1"]["max_lsb"] > 20
+  for name in names[:names.index("stage2_block1/act1")]:
+    assert rep2["layers"][name] == rep["layers"][name]
+
+
+def test_conversion_refuses_accumulator_overflow_and_bad_shifts(w8a8):
+  q, qv, _, _ = w8a8
+  from grassq.quant import qat, quantizers
+  p = qv["params"]["stage1_block0"]["conv1"]
+  s = qv["batch_stats"]["stage1_block0"]["conv1"]
+  r = qv["batch_stats"]["stage1_block0"]["act_in"]["range"]
+  s_in = float(quantizers.activation_scale(r["lo"], r["hi"], 8, False))
+  wf, bf = qat.fold_bn(p["kernel"], p["bn_scale"], p["bn_bias"], s["mean"], s["var"])
+  s_w = np.asarray(quantizers.weight_scale(wf, 8), np.float64)
+  # A bias that fits int32 by itself but not with the worst-case products added to it.
+  beta = np.asarray(p["bn_bias"], np.float64).copy()
+  beta[0] += (2**31 - 1000) * s_w[0] * s_in - float(bf[0])
+  huge = jax.tree_util.tree_map(lambda a: a, qv)
+  huge["params"]["stage1_block0"]["conv1"] = {**p, "bn_bias": jnp.asarray(beta, jnp.float32)}
+  with pytest.raises(ValueError, match="stage1_block0/conv1.*overflows int32"):
+    P.to_program(q, huge, (28, 28, 1))
+  # An activation range so narrow that the requantization needs a shift above 62.
+  tiny = jax.tree_util.tree_map(lambda a: a, qv)
+  act = qv["batch_stats"]["stage2_block0"]["act1"]["range"]
+  tiny["batch_stats"]["stage2_block0"]["act1"] = {
+      "range": {**act, "lo": jnp.float32(0), "hi": jnp.float32(1e-30)}}
+  with pytest.raises(ValueError, match="stage2_block0/act1.*shift"):
+    P.to_program(q, tiny, (28, 28, 1))

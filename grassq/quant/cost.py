@@ -2,7 +2,8 @@
 
 Shapes come from `jax.eval_shape`, so even ImageNet-size models cost no compute. Layer names are
 those of `grassq.quant.qresnet.layer_names` (the keys of the per-layer bit dict): conv modules by
-their path (``stage1_block0/conv1``), the classifier as ``head``.
+their path (``stage1_block0/conv1``), the classifier as ``head``. A Grassmann head counts its
+bases (C·n·k weights) and the projections Sᵀx (C·n·k MACs); its norms are negligible.
 
 Conventions (HAWQV3's): BOPs = MACs × b_w × b_a at batch 1; the model size counts every
 parameter at its layer's bit-width (a BatchNorm folds into the conv before it; parameters outside
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grassq.heads import GrassmannHead
+
 MIB = 2.0**20
 
 
@@ -28,7 +31,7 @@ def layer_costs(model, image_shape: Sequence[int]) -> dict[str, dict[str, int]]:
     x = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init(jax.random.key(0), x)
     _, state = model.apply(variables, x, capture_intermediates=lambda m, _: isinstance(
-        m, (nn.Conv, nn.Dense)), mutable=["intermediates"])
+        m, (nn.Conv, nn.Dense, GrassmannHead)), mutable=["intermediates"])
     return variables["params"], state["intermediates"]
 
   params, inter = jax.eval_shape(run)
@@ -38,7 +41,7 @@ def layer_costs(model, image_shape: Sequence[int]) -> dict[str, dict[str, int]]:
     kernel = params
     for k in keys:
       kernel = kernel[k]
-    kernel = kernel["kernel"].shape
+    kernel = (kernel["kernel"] if "kernel" in kernel else kernel["bases"]).shape
     spatial = int(np.prod(out.shape[1:-1])) if len(out.shape) > 2 else 1
     name = "head" if keys[0] == "head" else "/".join(keys)
     costs[name] = {"params": int(np.prod(kernel)), "macs": int(np.prod(kernel)) * spatial}

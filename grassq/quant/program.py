@@ -115,11 +115,23 @@ class _Builder:
                        "batches through the QAT model (train=True) before converting")
     return float(np.asarray(quantizers.activation_scale(r["lo"], r["hi"], bits, signed)))
 
+  def add_scale(self, path):
+    """Output scale of the residual join `path` (unsigned, `qat.RESIDUAL_BITS` wide)."""
+    r = self._sub(self.stats, path + "/range")
+    if not bool(np.asarray(r["initialized"])):
+      raise ValueError(f"residual join {path} was never calibrated")
+    hi = float(np.asarray(r["hi"]))
+    return hi / (2**qat.RESIDUAL_BITS - 1) if hi > 0 else 1.0
+
   # -- ops
   def requant(self, x, name, out_scale, bits, signed, saturate=True):
     scale, _, _ = self.meta[x]
     ratio = np.broadcast_to(np.asarray(scale, np.float64) / out_scale, np.shape(scale))
-    m, c = dyadic(ratio)
+    try:
+      m, c = dyadic(ratio)
+    except ValueError as e:
+      raise ValueError(f"{name}: cannot requantize from scale {np.max(scale):.3g} to "
+                       f"{out_scale:.3g}: {e}") from None
     return self.emit("requantize", name, [x], dict(bits=bits, signed=signed, saturate=saturate),
                      dict(multiplier=np.asarray(m, np.int32), shift=np.asarray(c, np.int32)),
                      (out_scale, bits, signed))
@@ -290,12 +302,8 @@ def _block(b, model, x, path, filters, strides):
                    dict(window=(strides, strides), strides=(strides, strides)), {}, b.meta[a])
       st = 1
     r = b.conv(src, f"{path}/proj_conv", (st, st), _pad(1))
-  rng = b._sub(b.stats, f"{path}/add/range")
-  if not bool(np.asarray(rng["initialized"])):
-    raise ValueError(f"residual join {path}/add was never calibrated")
-  hi = float(np.asarray(rng["hi"]))
   bits = qat.RESIDUAL_BITS
-  out_scale = hi / (2**bits - 1) if hi > 0 else 1.0
+  out_scale = b.add_scale(f"{path}/add")
   ya = b.requant(y, f"{path}/add_main", out_scale, 32, True, saturate=False)
   ra = b.requant(r, f"{path}/add_shortcut", out_scale, 32, True, saturate=False)
   return b.emit("add", f"{path}/add", [ya, ra], dict(lo=0, hi=2**bits - 1), {},
@@ -387,6 +395,77 @@ def run(program: IntegerProgram, x_int8, fn=None):
   """int32 logits of the program on int8 inputs (build `fn` once with `interpreter`)."""
   fn = fn or interpreter(program)
   return fn(program_arrays(program), x_int8)
+
+
+def layer_report(program: IntegerProgram, model, variables, images, batch_size: int = 500):
+  """The integer program against its fake-quant model, activation by activation.
+
+  Every activation quantizer and residual join of the QAT `model` has an op of the same name in
+  the program (``quantize_input``/``requantize``/``add``). Its integer output is compared with the
+  fake-quant output divided by that tensor's scale: both count the same LSBs.
+
+  Args:
+    program: `to_program(model, variables, ...)`.
+    model, variables: the calibrated QAT model it was converted from.
+    images: float images as the model takes them (normalized), (N, *program.input_shape).
+    batch_size: images per jitted call.
+
+  Returns:
+    {"layers": {name: {"bits", "max_lsb", "mean_lsb", "frac_differ"}} in program order (LSBs
+    of that tensor: residual joins are 16 bits wide, so one 8-bit LSB is 2^8 of theirs),
+     "top1_agreement": integer vs fake-quant argmax, "max_logit_diff": in float logit units,
+     "integer_pred", "fake_pred": the two argmax predictions (numpy int arrays)}.
+  """
+  b = _Builder(model, variables)
+  scales, widths = {}, {}
+  for op in program.ops:
+    if op.kind in ("quantize_input", "requantize") and op.attrs.get("saturate", True) \
+        and op.name != "logits":
+      scales[op.name] = b.act_scale(op.name, op.attrs["bits"], op.attrs["signed"])
+      widths[op.name] = op.attrs["bits"]
+    elif op.kind == "add":
+      scales[op.name] = b.add_scale(op.name)
+      widths[op.name] = qat.RESIDUAL_BITS
+
+  @jax.jit
+  def fake(v, x):
+    logits, state = model.apply(v, x, capture_intermediates=lambda m, _: isinstance(
+        m, (qat.QuantAct, qat.QuantAdd)), mutable=["intermediates"])
+    outs = {}
+    for path, y in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
+      outs["/".join(k.key for k in path[:-2])] = y
+    return logits, outs
+
+  fn = interpreter(program, all_outputs=True)
+  arrays = program_arrays(program)
+  stats = {name: [0, 0.0, 0, 0] for name in scales}  # max, sum, differing, count
+  preds, max_logit = ([], []), 0.0
+  images = np.asarray(images)
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size]
+    logits, outs = fake(variables, x)
+    ints = fn(arrays, quantize_input(program, x))
+    missing = set(scales) - set(outs)
+    if missing:
+      raise ValueError(f"the model has no quantizer for program ops {sorted(missing)}")
+    for name, s in scales.items():
+      d = np.abs(np.asarray(ints[name], np.int64)
+                 - np.rint(np.asarray(outs[name], np.float64) / s).astype(np.int64))
+      st = stats[name]
+      st[0] = max(st[0], int(d.max()))
+      st[1] += float(d.sum())
+      st[2] += int(np.count_nonzero(d))
+      st[3] += d.size
+    deq = np.asarray(ints[program.ops[-1].name], np.float64) * program.output_scale
+    logits = np.asarray(logits, np.float64)
+    preds[0].append(deq.argmax(-1))
+    preds[1].append(logits.argmax(-1))
+    max_logit = max(max_logit, float(np.abs(deq - logits).max()))
+  layers = {name: dict(bits=widths[name], max_lsb=st[0], mean_lsb=st[1] / st[3],
+                      frac_differ=st[2] / st[3]) for name, st in stats.items()}
+  int_pred, fake_pred = np.concatenate(preds[0]), np.concatenate(preds[1])
+  return dict(layers=layers, top1_agreement=float(np.mean(int_pred == fake_pred)),
+              max_logit_diff=max_logit, integer_pred=int_pred, fake_pred=fake_pred)
 
 
 # ----------------------------------------------------------------------------- save / load
