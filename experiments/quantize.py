@@ -36,45 +36,47 @@ def _write_atomic(path, text):
   os.replace(tmp, path)
 
 
-def size_and_bops(model, w_bits, a_bits, image_shape):
-  """Size (MiB) and GBOPs of `model` at uniform W/A bits and at FP32 (grassq.quant.cost)."""
-  from grassq.quant import cost, qresnet
+def size_and_bops(qat_model, fp_model, image_shape):
+  """Size (MiB) and GBOPs at the QAT model's per-layer bits, and at FP32 (grassq.quant.cost)."""
+  from grassq.quant import cost
 
-  c = cost.layer_costs(model, image_shape)
-  n = cost.total_params(model, image_shape)
-  w = {k: 8 if k in qresnet.PINNED_8BIT else w_bits for k in c}
-  a = {k: 8 if k in qresnet.PINNED_8BIT else a_bits for k in c}
+  c = cost.layer_costs(fp_model, image_shape)
+  n = cost.total_params(fp_model, image_shape)
+  w = {k: qat_model.weight_bits_of(k) for k in c}
+  a = {k: qat_model.act_bits_of(k) for k in c}
   return dict(size_mib=cost.model_size_mib(c, w, n),
               size_fp32_mib=cost.model_size_mib(c, 32, n, other_bits=32),
               gbops=cost.bops(c, w, a) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
 
 
-def run_scheme(name, bits, out):
-  w_bits, a_bits = bits
+def run_qat(name, out, fp_workdir, quant, epochs, learning_rate):
+  """QAT fine-tune of `fp_workdir` with `quant` (overrides of config.quant), then integer-only.
+
+  Writes ``out/runs/name`` (resumable), ``out/programs/name`` and ``out/layers_name.json``;
+  returns the result row (accuracies, integer vs fake-quant agreement and LSBs, size, BOPs).
+  """
   import numpy as np
 
   from grassq import data, train
   from grassq.quant import program as P
 
   workdir = os.path.join(out, "runs", name)
-  _, _, fp_config = train.load_checkpoint(FLAGS.fp_workdir)
+  _, _, fp_config = train.load_checkpoint(fp_workdir)
   config = fp_config.copy_and_resolve_references()
   config.quant.enabled = True
-  config.quant.default_bits = w_bits
-  config.quant.default_act_bits = a_bits
-  config.init_from = FLAGS.fp_workdir
-  config.num_epochs = FLAGS.epochs
+  config.quant.update(quant)
+  config.init_from = fp_workdir
+  config.num_epochs = epochs
   config.num_train_steps = -1
-  config.learning_rate = FLAGS.learning_rate
+  config.learning_rate = learning_rate
   config.warmup_epochs = 0.0
   config.schedule = "cosine"
-  config.eval_every_epochs = max(FLAGS.epochs, 1e-3)
+  config.eval_every_epochs = max(epochs, 1e-3)
   result = train.train_and_evaluate(config, workdir)
   model, variables, _ = train.load_checkpoint(workdir)
   spec = data.get_spec(config.dataset)
-  prog_dir = os.path.join(out, "programs", name)
   program = P.to_program(model, variables, spec.image_shape)
-  P.save(program, prog_dir, overwrite=True)
+  P.save(program, os.path.join(out, "programs", name), overwrite=True)
 
   images, labels = data.load_arrays(config.dataset, spec.eval_split, config.data_dir)
   rep = P.layer_report(program, model, variables, np.asarray(data.normalize(images, spec)))
@@ -83,17 +85,24 @@ def run_scheme(name, bits, out):
   worst = max(acts, key=lambda k: (acts[k]["max_lsb"], acts[k]["mean_lsb"]))
   layers = {k: v for k, v in rep.items() if k not in ("integer_pred", "fake_pred")}
   _write_atomic(os.path.join(out, f"layers_{name}.json"), json.dumps(layers, indent=1))
-  row = dict(scheme=name, w_bits=w_bits, a_bits=a_bits, epochs=FLAGS.epochs,
+  row = dict(scheme=name, epochs=epochs,
              fake_quant_accuracy=float(np.mean(fake_pred == labels)),
              integer_accuracy=float(np.mean(int_pred == labels)),
              integer_vs_fake_agreement=float(np.mean(int_pred == fake_pred)),
              max_act_lsb=acts[worst]["max_lsb"], max_act_lsb_layer=worst,
              mean_act_lsb=float(np.mean([v["mean_lsb"] for v in acts.values()])),
              qat_eval_accuracy=result.get("test_accuracy"),
-             **size_and_bops(train.build_model(fp_config, spec.num_classes), w_bits, a_bits,
+             **size_and_bops(model, train.build_model(fp_config, spec.num_classes),
                              spec.image_shape))
   print(json.dumps(row), flush=True)
   return row
+
+
+def run_scheme(name, bits, out):
+  w_bits, a_bits = bits
+  row = run_qat(name, out, FLAGS.fp_workdir, dict(default_bits=w_bits, default_act_bits=a_bits),
+                FLAGS.epochs, FLAGS.learning_rate)
+  return dict(row, w_bits=w_bits, a_bits=a_bits)
 
 
 def _lsb(row):
