@@ -1,0 +1,216 @@
+"""HAWQV3 mixed precision end to end: checkpoint -> Hessian traces -> ILP -> QAT -> integer-only.
+
+  python -m experiments.mixed_precision --fp_workdir runs/fmnist_resnet20 --out results/mixed
+  python -m experiments.mixed_precision --budgets bops:medium --epochs 0.5   # one budget, shorter
+
+1. Hutchinson traces of every conv/dense layer of the float run, in BN-folded coordinates, over
+   `hessian_batches` training batches (``OUT/sensitivity.json``, reused when present).
+2. Omega = trace × ||Q_b(W) − W||² for b in {4, 8}; the first conv and the classifier stay 8-bit;
+   each block's conv1 and projection shortcut are tied.
+3. For every budget (``family:fraction``, fraction a number or low/medium/high = 0.25/0.5/0.75 of
+   the way from all-4-bit to all-8-bit, as in HAWQV3) the ILP's bit dict is QAT fine-tuned
+   (``OUT/runs/NAME``, resumable), converted to an integer program and evaluated integer-only on
+   the whole test set (`experiments.quantize.run_qat`, the code path of the uniform schemes).
+4. ``OUT/table.md``, ``OUT/results.json``, ``OUT/pareto.png`` (accuracy vs BOPs and vs size,
+   uniform W8A8 / W4A4 marked) and ``OUT/bits.png`` (bits per layer for each budget). The
+   uniform points come from the rows of ``--uniform`` (`experiments.quantize`'s results.json
+   for the same float run) and are QAT-trained here when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+
+# --fp_workdir, --out, --epochs and --learning_rate are experiments.quantize's flags.
+from experiments.quantize import FLAGS, _write_atomic, run_qat
+
+FLAGS.set_default("out", "results/mixed")
+flags.DEFINE_list("budgets", ["bops:low", "bops:medium", "bops:high", "size:medium"],
+                  "Budgets family:fraction, one ILP + QAT run each.")
+flags.DEFINE_string("uniform", "results/quant/results.json",
+                    "experiments.quantize results to take the uniform W8A8/W4A4 points from.")
+flags.DEFINE_integer("hessian_batches", 4, "Training batches the Hessian traces average over.")
+flags.DEFINE_integer("hessian_batch_size", 128, "Images per Hessian batch.")
+flags.DEFINE_float("tol", 0.05, "Hutchinson stop: relative standard error of every layer.")
+flags.DEFINE_integer("max_probes", 96, "Hutchinson probes at most.")
+
+BITS = (4, 8)
+
+
+def parse_budget(text):
+  """'bops:medium' -> ('bops', 0.5); 'size:0.3' -> ('size', 0.3)."""
+  from grassq.mixed import BUDGET_FRACTIONS
+
+  family, sep, frac = text.partition(":")
+  if not sep or family not in ("size", "bops", "latency"):
+    raise app.UsageError(f"budget {text!r} is not family:fraction with family size/bops/latency")
+  r = BUDGET_FRACTIONS.get(frac)
+  if r is None:
+    try:
+      r = float(frac)
+    except ValueError:
+      raise app.UsageError(f"budget {text!r}: fraction must be a number or one of "
+                           f"{list(BUDGET_FRACTIONS)}") from None
+  return family, r
+
+
+def traces_and_sensitivity(path):
+  """Hessian traces and Omega of the float run (cached in `path`)."""
+  import jax
+  import numpy as np
+
+  from grassq import data, mixed, train
+
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("fp_workdir") == FLAGS.fp_workdir:
+      print(f"reusing {path}")
+      return cached
+  model, variables, config = train.load_checkpoint(FLAGS.fp_workdir)
+  spec = data.get_spec(config.dataset)
+  images, labels = data.load_arrays(config.dataset, spec.train_split, config.data_dir)
+  idx = data.train_batches(len(labels), FLAGS.hessian_batch_size, seed=1234)
+  batches = []
+  for _ in range(FLAGS.hessian_batches):
+    i = np.sort(next(idx))
+    batches.append({"image": data.normalize(images[i], spec), "label": labels[i]})
+  omega, traces = mixed.layer_sensitivities(
+      model, variables, batches, jax.random.key(0), bits=BITS, tol=FLAGS.tol,
+      min_probes=min(16, FLAGS.max_probes), max_probes=FLAGS.max_probes)
+  clipped = mixed.sensitivity(traces, mixed.folded_weights(model, variables)[0], BITS,
+                              clip_negative=True)
+  result = dict(
+      fp_workdir=FLAGS.fp_workdir,
+      traces={k: dict(trace_per_param=t.trace_per_param, stderr_per_param=t.stderr_per_param,
+                      num_probes=t.num_probes, num_params=t.num_params)
+              for k, t in traces.items()},
+      sensitivity={k: {str(b): v for b, v in o.items()} for k, o in clipped.items()},
+      negative_traces=[k for k, t in traces.items() if t.trace_per_param < 0])
+  del omega
+  _write_atomic(path, json.dumps(result, indent=1))
+  return result
+
+
+def allocations(sens, model, image_shape):
+  """{budget text: (family, r, bit dict)} from the ILP."""
+  from grassq import mixed
+  from grassq.quant import qresnet
+
+  costs = mixed.cost_tables(model, image_shape, bits=BITS)
+  pinned = {k: 8 for k in costs["size"] if k in qresnet.PINNED_8BIT}
+  omega = {k: {int(b): v for b, v in o.items()} for k, o in sens.items() if k not in pinned}
+  ties = mixed.tied_layers(model, image_shape)
+  out = {}
+  for text in FLAGS.budgets:
+    family, r = parse_budget(text)
+    limit = mixed.budget_from_fraction(costs[family], r, pinned=pinned, bits=BITS)
+    bits = mixed.allocate_bits(omega, costs, {family: limit}, ties=ties, pinned=pinned)
+    out[text] = (family, r, bits)
+  return out
+
+
+def plot(rows, uniform, out):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, label in ((axes[0], "gbops", "GBOPs"), (axes[1], "size_mib", "size (MiB)")):
+    xs = [r[key] for r in rows]
+    ax.scatter(xs, [100 * r["integer_accuracy"] for r in rows], label="ILP mixed 4/8", zorder=3)
+    for r in rows:
+      ax.annotate(r["scheme"], (r[key], 100 * r["integer_accuracy"]), fontsize=7,
+                  xytext=(3, 3), textcoords="offset points")
+    for u in uniform:
+      ax.scatter([u[key]], [100 * u["integer_accuracy"]], marker="s",
+                 label=f"uniform {u['scheme'].upper()}", zorder=3)
+    ax.set_xlabel(label)
+    ax.set_ylabel("integer-only test accuracy (%)")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "pareto.png"), dpi=120)
+  plt.close(fig)
+
+  layers = list(rows[0]["bits"])
+  fig, ax = plt.subplots(figsize=(10, 1 + 0.35 * len(rows)))
+  grid = [[r["bits"][k] for k in layers] for r in rows]
+  ax.imshow(grid, cmap="viridis", vmin=4, vmax=8, aspect="auto")
+  ax.set_yticks(range(len(rows)), [r["scheme"] for r in rows], fontsize=8)
+  ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+  for i, row in enumerate(grid):
+    for j, b in enumerate(row):
+      ax.text(j, i, str(b), ha="center", va="center", fontsize=6,
+              color="black" if b == 8 else "white")
+  ax.set_title("bits per layer (weights and the activations each layer reads)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "bits.png"), dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from grassq import data, train
+
+  os.makedirs(FLAGS.out, exist_ok=True)
+  for text in FLAGS.budgets:
+    parse_budget(text)  # refuse bad flags before the long stages
+  model, _, config = train.load_checkpoint(FLAGS.fp_workdir)
+  spec = data.get_spec(config.dataset)
+  fp = train.evaluate_checkpoint(FLAGS.fp_workdir)
+
+  print("[1/3] Hessian traces", flush=True)
+  sens = traces_and_sensitivity(os.path.join(FLAGS.out, "sensitivity.json"))
+  print("[2/3] ILP", flush=True)
+  allocs = allocations(sens["sensitivity"], model, spec.image_shape)
+
+  uniform = []
+  if os.path.exists(FLAGS.uniform):
+    with open(FLAGS.uniform) as f:
+      u = json.load(f)
+    if u.get("fp_workdir") == FLAGS.fp_workdir:
+      uniform = [r for r in u["schemes"] if r["scheme"] in ("w8a8", "w4a4")]
+  for name, (w, a) in (("w8a8", (8, 8)), ("w4a4", (4, 4))):
+    if not any(r["scheme"] == name for r in uniform):
+      uniform.append(run_qat(name, FLAGS.out, FLAGS.fp_workdir,
+                             dict(default_bits=w, default_act_bits=a), FLAGS.epochs,
+                             FLAGS.learning_rate))
+
+  print("[3/3] QAT + integer-only evaluation per budget", flush=True)
+  rows = []
+  for text, (family, r, bits) in allocs.items():
+    name = f"{family}_{r:g}"
+    free = {k: b for k, b in bits.items()}
+    row = run_qat(name, FLAGS.out, FLAGS.fp_workdir, dict(bits=free, default_bits=8),
+                  FLAGS.epochs, FLAGS.learning_rate)
+    rows.append(dict(row, budget=text, family=family, fraction=r, bits=bits,
+                     layers_at_4=sum(b == 4 for b in bits.values())))
+
+  results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], rows=rows,
+                 uniform=uniform, negative_traces=sens["negative_traces"])
+  _write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  lines = ["| configuration | layers at 4 bit | fake-quant acc. (%) | integer-only acc. (%) | "
+           "integer = fake-quant top-1 (%) | size (MiB) | GBOPs |", "|---|---|---|---|---|---|---|"]
+  for r in sorted(uniform, key=lambda r: -r["gbops"])[:1] + rows + \
+      sorted(uniform, key=lambda r: r["gbops"])[:1]:
+    label = f"ILP {r['budget']}" if "budget" in r else f"uniform {r['scheme'].upper()}"
+    at4 = r.get("layers_at_4", "all" if "4" in r["scheme"] else 0)
+    lines.append(f"| {label} | {at4} | {100 * r['fake_quant_accuracy']:.2f} | "
+                 f"{100 * r['integer_accuracy']:.2f} | {100 * r['integer_vs_fake_agreement']:.2f} | "
+                 f"{r['size_mib']:.4f} | {r['gbops']:.3f} |")
+  table = (f"FP32: {100 * fp['accuracy']:.2f}% ({FLAGS.fp_workdir}); QAT {FLAGS.epochs:g} epoch(s) "
+           f"per row; first conv and classifier at 8 bits.\n\n" + "\n".join(lines) + "\n")
+  _write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  plot(rows, uniform, FLAGS.out)
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
