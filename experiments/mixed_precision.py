@@ -11,6 +11,8 @@
    the way from all-4-bit to all-8-bit, as in HAWQV3) the ILP's bit dict is QAT fine-tuned
    (``OUT/runs/NAME``, resumable), converted to an integer program and evaluated integer-only on
    the whole test set (`experiments.quantize.run_qat`, the code path of the uniform schemes).
+   The naive baseline: for each of ``--random_budgets``, the same ILP and budget with random
+   sensitivities, QAT-trained and evaluated the same way.
 4. ``OUT/table.md``, ``OUT/results.json``, ``OUT/pareto.png`` (accuracy vs BOPs and vs size,
    uniform W8A8 / W4A4 marked) and ``OUT/bits.png`` (bits per layer for each budget). The
    uniform points come from the rows of ``--uniform`` (`experiments.quantize`'s results.json
@@ -30,6 +32,9 @@ from experiments.quantize import FLAGS, _write_atomic, run_qat
 FLAGS.set_default("out", "results/mixed")
 flags.DEFINE_list("budgets", ["bops:low", "bops:medium", "bops:high", "size:medium"],
                   "Budgets family:fraction, one ILP + QAT run each.")
+flags.DEFINE_list("random_budgets", ["bops:medium"],
+                  "Budgets also allocated at random (same ILP and budget, random sensitivities): "
+                  "the naive baseline the Hessian-aware allocation is compared with.")
 flags.DEFINE_string("uniform", "results/quant/results.json",
                     "experiments.quantize results to take the uniform W8A8/W4A4 points from.")
 flags.DEFINE_integer("hessian_batches", 4, "Training batches the Hessian traces average over.")
@@ -95,17 +100,26 @@ def traces_and_sensitivity(path):
   return result
 
 
-def allocations(sens, model, image_shape):
-  """{budget text: (family, r, bit dict)} from the ILP."""
+def allocations(sens, model, image_shape, budget_list, random_seed=None):
+  """{budget text: (family, r, bit dict)} from the ILP.
+
+  With `random_seed`, each free layer's sensitivity is replaced by a random one (Omega_4 ~ U(0, 1),
+  Omega_8 = 0): a random allocation that fills the same budget, the naive baseline.
+  """
+  import numpy as np
+
   from grassq import mixed
   from grassq.quant import qresnet
 
   costs = mixed.cost_tables(model, image_shape, bits=BITS)
   pinned = {k: 8 for k in costs["size"] if k in qresnet.PINNED_8BIT}
   omega = {k: {int(b): v for b, v in o.items()} for k, o in sens.items() if k not in pinned}
+  if random_seed is not None:
+    rng = np.random.default_rng(random_seed)
+    omega = {k: {4: float(rng.uniform()), 8: 0.0} for k in omega}
   ties = mixed.tied_layers(model, image_shape)
   out = {}
-  for text in FLAGS.budgets:
+  for text in budget_list:
     family, r = parse_budget(text)
     limit = mixed.budget_from_fraction(costs[family], r, pinned=pinned, bits=BITS)
     bits = mixed.allocate_bits(omega, costs, {family: limit}, ties=ties, pinned=pinned)
@@ -113,7 +127,7 @@ def allocations(sens, model, image_shape):
   return out
 
 
-def plot(rows, uniform, out):
+def plot(rows, uniform, out, order):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -121,8 +135,12 @@ def plot(rows, uniform, out):
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, key, label in ((axes[0], "gbops", "GBOPs"), (axes[1], "size_mib", "size (MiB)")):
-    xs = [r[key] for r in rows]
-    ax.scatter(xs, [100 * r["integer_accuracy"] for r in rows], label="ILP mixed 4/8", zorder=3)
+    for kind, marker in (("ILP", "o"), ("random", "x")):
+      sel = [r for r in rows if r["allocation"] == kind]
+      if sel:
+        ax.scatter([r[key] for r in sel], [100 * r["integer_accuracy"] for r in sel],
+                   marker=marker, zorder=3,
+                   label="Hessian-aware ILP" if kind == "ILP" else "random, same budget")
     for r in rows:
       ax.annotate(r["scheme"], (r[key], 100 * r["integer_accuracy"]), fontsize=7,
                   xytext=(3, 3), textcoords="offset points")
@@ -137,7 +155,7 @@ def plot(rows, uniform, out):
   fig.savefig(os.path.join(out, "pareto.png"), dpi=120)
   plt.close(fig)
 
-  layers = list(rows[0]["bits"])
+  layers = [k for k in order if k in rows[0]["bits"]]
   fig, ax = plt.subplots(figsize=(10, 1 + 0.35 * len(rows)))
   grid = [[r["bits"][k] for k in layers] for r in rows]
   ax.imshow(grid, cmap="viridis", vmin=4, vmax=8, aspect="auto")
@@ -169,7 +187,11 @@ def main(argv):
   print("[1/3] Hessian traces", flush=True)
   sens = traces_and_sensitivity(os.path.join(FLAGS.out, "sensitivity.json"))
   print("[2/3] ILP", flush=True)
-  allocs = allocations(sens["sensitivity"], model, spec.image_shape)
+  if sens["negative_traces"]:
+    print(f"warning: negative Hessian trace estimates (counted as 0): {sens['negative_traces']}")
+  allocs = allocations(sens["sensitivity"], model, spec.image_shape, FLAGS.budgets)
+  naive = allocations(sens["sensitivity"], model, spec.image_shape, FLAGS.random_budgets,
+                      random_seed=0)
 
   uniform = []
   if os.path.exists(FLAGS.uniform):
@@ -185,12 +207,12 @@ def main(argv):
 
   print("[3/3] QAT + integer-only evaluation per budget", flush=True)
   rows = []
-  for text, (family, r, bits) in allocs.items():
-    name = f"{family}_{r:g}"
-    free = {k: b for k, b in bits.items()}
-    row = run_qat(name, FLAGS.out, FLAGS.fp_workdir, dict(bits=free, default_bits=8),
+  runs = [(f"{f}_{r:g}", "ILP", t, f, r, b) for t, (f, r, b) in allocs.items()]
+  runs += [(f"{f}_{r:g}_random", "random", t, f, r, b) for t, (f, r, b) in naive.items()]
+  for name, kind, text, family, r, bits in runs:
+    row = run_qat(name, FLAGS.out, FLAGS.fp_workdir, dict(bits=bits, default_bits=8),
                   FLAGS.epochs, FLAGS.learning_rate)
-    rows.append(dict(row, budget=text, family=family, fraction=r, bits=bits,
+    rows.append(dict(row, allocation=kind, budget=text, family=family, fraction=r, bits=bits,
                      layers_at_4=sum(b == 4 for b in bits.values())))
 
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], rows=rows,
@@ -200,15 +222,20 @@ def main(argv):
            "integer = fake-quant top-1 (%) | size (MiB) | GBOPs |", "|---|---|---|---|---|---|---|"]
   for r in sorted(uniform, key=lambda r: -r["gbops"])[:1] + rows + \
       sorted(uniform, key=lambda r: r["gbops"])[:1]:
-    label = f"ILP {r['budget']}" if "budget" in r else f"uniform {r['scheme'].upper()}"
-    at4 = r.get("layers_at_4", "all" if "4" in r["scheme"] else 0)
+    if "budget" in r:
+      label = f"{'Hessian-aware ILP' if r['allocation'] == 'ILP' else 'random'}, {r['budget']}"
+    else:
+      label = f"uniform {r['scheme'].upper()}"
+    at4 = r.get("layers_at_4", "all free" if "4" in r["scheme"] else 0)
     lines.append(f"| {label} | {at4} | {100 * r['fake_quant_accuracy']:.2f} | "
                  f"{100 * r['integer_accuracy']:.2f} | {100 * r['integer_vs_fake_agreement']:.2f} | "
                  f"{r['size_mib']:.4f} | {r['gbops']:.3f} |")
   table = (f"FP32: {100 * fp['accuracy']:.2f}% ({FLAGS.fp_workdir}); QAT {FLAGS.epochs:g} epoch(s) "
            f"per row; first conv and classifier at 8 bits.\n\n" + "\n".join(lines) + "\n")
   _write_atomic(os.path.join(FLAGS.out, "table.md"), table)
-  plot(rows, uniform, FLAGS.out)
+  from grassq.quant import qresnet
+
+  plot(rows, uniform, FLAGS.out, qresnet.layer_names(qresnet.quantized(model), spec.image_shape))
   print(table)
 
 

@@ -368,3 +368,57 @@ def test_grassq_resnet18_tables_give_the_published_answers(hawq):
     limit = ilp.budget_from_fraction(tables[family], float(r), pinned)
     got = ilp.allocate_bits(omega, {family: tables[family]}, {family: limit}, ties, pinned)
     assert [got[n] for n in names] == published, key
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+  m = create_model("resnet50", 1000)
+  tables = ilp.cost_tables(m, (224, 224, 3))
+  pinned = {n: 8 for n in qresnet.PINNED_8BIT if n in tables["size"]}
+  return m, tables, pinned, ilp.tied_layers(m, (224, 224, 3))
+
+
+def _objective(omega, bits):
+  return sum(omega[n][b] for n, b in bits.items() if n in omega)
+
+
+def test_larger_budgets_never_give_worse_objectives(resnet50):
+  _, tables, pinned, ties = resnet50
+  rng = np.random.default_rng()
+  omega = {}
+  for n in tables["size"]:
+    if n not in pinned:
+      w = rng.lognormal(0.0, 2.0)
+      omega[n] = {4: w, 8: w * rng.uniform(0.0, 0.01)}
+  previous = None
+  for r in np.linspace(0.0, 1.0, 6):
+    budgets = {f: ilp.budget_from_fraction(tables[f], float(r), pinned) for f in ("size", "bops")}
+    bits = ilp.allocate_bits(omega, tables, budgets, ties, pinned)
+    value = _objective(omega, bits)
+    if previous is not None:
+      assert value <= previous + 1e-12 * abs(previous)
+    previous = value
+    free = [bits[n] for n in omega]
+    if r == 0.0:
+      assert set(free) == {4}
+    if r == 1.0:
+      assert set(free) == {8}
+
+
+def test_resnet50_sized_problem_solves_in_under_a_second(resnet50):
+  import time
+
+  _, tables, pinned, ties = resnet50
+  free = [n for n in tables["size"] if n not in pinned]
+  assert len(tables["size"]) == 54 and len(free) == 52  # 53 convs + the classifier, 2 pinned
+  rng = np.random.default_rng()
+  omega = {n: {4: w, 8: w / 300} for n, w in zip(free, rng.lognormal(0.0, 2.0, len(free)))}
+  budgets = {f: ilp.budget_from_fraction(tables[f], "medium", pinned)
+             for f in ("size", "bops", "latency")}
+  ilp.allocate_bits(omega, tables, budgets, ties, pinned)  # warm up cvxpy's imports and caches
+  t = time.perf_counter()
+  bits = ilp.allocate_bits(omega, tables, budgets, ties, pinned)
+  elapsed = time.perf_counter() - t
+  assert elapsed < 1.0, elapsed
+  for f, limit in budgets.items():
+    assert sum(tables[f][n][b] for n, b in bits.items()) <= limit * (1 + 1e-9)
