@@ -7,7 +7,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 readme = os.path.join(ROOT, "README.md")
 text = open(readme).read()
 for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results/quant/table.md"),
-                 ("quant-gcr-table", "results/quant_gcr/table.md")):
+                 ("quant-gcr-table", "results/quant_gcr/table.md"),
+                 ("mixed-table", "results/mixed/table.md")):
   table = open(os.path.join(ROOT, src)).read().strip()
   pattern = re.compile(rf"(<!-- {tag} [^>]*-->\n).*?(\n<!-- /{tag} -->)", re.S)
   text, n = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)
