@@ -91,3 +91,11 @@ def test_uncalibrated_quantizers_pass_through_and_bits_reach_layers(float_resnet
   assert len(levels) <= 16
   levels8 = np.unique(np.asarray(inter["stage1_block1"]["act_in"]["__call__"][0]))
   assert len(levels8) > 16
+
+
+def test_other_model_families_are_refused():
+  from grassq.models import create_model
+  with pytest.raises(TypeError, match="ResNeXt"):
+    qresnet.quantized(create_model("resnext50", 10))
+  with pytest.raises(TypeError, match="VisionTransformer"):
+    qresnet.quantized(create_model("deit3_small", 10))

@@ -196,7 +196,16 @@ class QResNet(ResNet):
 def quantized(model, bits: Mapping[str, int] | None = None, default_bits: int = 8,
               act_bits: Mapping[str, int] | None = None, default_act_bits: int = 0,
               **kwargs) -> QResNet:
-  """The QAT twin of a float `grassq.models.ResNet` (same architecture fields)."""
+  """The QAT twin of a float `grassq.models.ResNet` (same architecture fields).
+
+  Raises:
+    TypeError: for other model families (ResNeXt's grouped convolutions, transformers), which
+      have no QAT twin here (InceptionV3 has its own: `grassq.quant.qinception`).
+  """
+  if type(model) is not ResNet:
+    raise TypeError(f"qresnet.quantized supports grassq.models.ResNet, not "
+                    f"{type(model).__name__}: quantization-aware training is implemented for "
+                    "the ResNets and InceptionV3 (grassq.quant.qinception)")
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet)
             if f.init and f.name not in ("parent", "name")}
   return QResNet(**fields, bits=FrozenDict(bits or {}), default_bits=default_bits,
