@@ -8,8 +8,8 @@ The data path has four stages, each a plain function:
 * ``load_arrays(name, split)`` reads a whole split into numpy arrays on the host;
 * ``train_batches`` / ``eval_batches`` turn a number of examples into index batches,
   deterministically and resumably;
-* ``augment`` / ``normalize`` run on device inside the jitted step, and
-  ``prefetch_to_device`` overlaps the host-to-device copies with compute.
+* ``augment`` / ``normalize`` and the batch-level ``mixup_cutmix`` run on device inside the
+  jitted step, and ``prefetch_to_device`` overlaps the host-to-device copies with compute.
 
 Nothing here touches the network: every TFDS call passes ``download=False``, and a
 missing dataset raises ``DatasetNotFoundError`` with instructions at once.
@@ -471,6 +471,59 @@ def augment(rng: jax.Array, images: jax.Array, spec: DatasetSpec) -> jax.Array:
   """
   keys = jax.random.split(rng, images.shape[0])
   return jax.vmap(lambda k, x: _augment_one(k, x, spec))(keys, images)
+
+
+def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array]:
+  """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with itself reversed.
+
+  One mixing ratio lam per batch, as timm's default ("batch" mode): example i is mixed with
+  example B-1-i. Mixup: x <- lam x + (1 - lam) x', lam ~ Beta(mixup_alpha, mixup_alpha).
+  CutMix: a box of about (1 - lam) H W pixels of x' (lam ~ Beta(cutmix_alpha, cutmix_alpha),
+  centre uniform, clipped at the border) replaces those of x, and lam becomes the exact fraction
+  of x left. With both alphas > 0, CutMix is chosen with probability `switch_prob`. Targets are
+  mixed with the same lam. Jit-able; the alphas are static.
+
+  Args:
+    rng: a PRNG key.
+    images: (B, H, W, C) float images (mixing commutes with `normalize`).
+    targets: (B, K) target distributions (one-hot, possibly smoothed).
+    mixup_alpha: Beta parameter of Mixup; 0 disables it.
+    cutmix_alpha: Beta parameter of CutMix; 0 disables it.
+    switch_prob: probability of CutMix when both are enabled.
+
+  Returns:
+    (images, targets) mixed, with the input shapes and dtypes.
+  """
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return images, targets
+  mix_key, cut_key, box_key, switch_key = jax.random.split(rng, 4)
+  _, h, w, _ = images.shape
+  other = images[::-1]
+  lam_mix = jax.random.beta(mix_key, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+  lam_cut = jax.random.beta(cut_key, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+  # The box: sides (H, W) * sqrt(1 - lam), centred at a uniform pixel, clipped to the image.
+  ratio = jnp.sqrt(1.0 - lam_cut)
+  half_h = jnp.floor(h * ratio).astype(jnp.int32) // 2
+  half_w = jnp.floor(w * ratio).astype(jnp.int32) // 2
+  cy, cx = jax.random.randint(box_key, (2,), 0, jnp.array([h, w]))
+  y0, y1 = jnp.clip(cy - half_h, 0, h), jnp.clip(cy + half_h, 0, h)
+  x0, x1 = jnp.clip(cx - half_w, 0, w), jnp.clip(cx + half_w, 0, w)
+  rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+  box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+  lam_box = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+  cut = jnp.where(box[None, :, :, None], other, images)
+  mix = lam_mix * images + (1.0 - lam_mix) * other
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    use_cutmix = jax.random.bernoulli(switch_key, switch_prob)
+    lam, mixed = jnp.where(use_cutmix, lam_box, lam_mix), jnp.where(use_cutmix, cut, mix)
+  elif cutmix_alpha > 0:
+    lam, mixed = lam_box, cut
+  else:
+    lam, mixed = lam_mix, mix
+  mixed_targets = lam * targets + (1.0 - lam) * targets[::-1]
+  return mixed.astype(images.dtype), mixed_targets.astype(targets.dtype)
 
 
 def normalize(images: jax.Array, spec: DatasetSpec) -> jax.Array:

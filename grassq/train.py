@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.step_epochs = (30.0, 60.0, 90.0)  # for schedule="step"
   c.step_factor = 0.1
   c.label_smoothing = 0.0
+  # Batch-level Mixup / CutMix on device (grassq.data.mixup_cutmix); 0 disables each.
+  c.mixup_alpha = 0.0
+  c.cutmix_alpha = 0.0
+  c.mixup_switch_prob = 0.5  # P(CutMix) when both are enabled
   # Grassmann head (head="grassmann"): its bases get Riemannian SGD with their own learning
   # rate, following the network's schedule shape; no weight decay or clipping on them.
   c.grassmann_learning_rate = 0.1
@@ -131,29 +135,43 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
       **dict(config.model_kwargs),
   )
   if config.quant.enabled:
-    from grassq.quant import qresnet
-
-    model = qresnet.quantized(model, bits=config.quant.bits.to_dict(),
-                              default_bits=config.quant.default_bits,
-                              act_bits=config.quant.act_bits.to_dict(),
-                              default_act_bits=config.quant.default_act_bits,
-                              hawq_signed8=config.quant.hawq_signed8, fix_bn=config.quant.fix_bn)
+    model = _qat_module(model).quantized(
+        model, bits=config.quant.bits.to_dict(), default_bits=config.quant.default_bits,
+        act_bits=config.quant.act_bits.to_dict(),
+        default_act_bits=config.quant.default_act_bits,
+        hawq_signed8=config.quant.hawq_signed8, fix_bn=config.quant.fix_bn)
   return model
+
+
+def _qat_module(model):
+  """The grassq.quant module holding `model`'s QAT twin (qinception for InceptionV3)."""
+  from grassq.models.inception import InceptionV3
+  from grassq.quant import qinception, qresnet
+
+  return qinception if isinstance(model, InceptionV3) else qresnet
 
 
 def initial_variables(config, state: TrainState) -> dict:
   """The weights of ``config.init_from`` (a run directory), mapped onto this model's variables."""
   _, variables, source = load_checkpoint(config.init_from)
   if config.quant.enabled and not source.quant.enabled:
-    from grassq.quant import qresnet
-
-    return qresnet.from_float(variables, state.variables())
+    float_model = build_model(source, 1)
+    return _qat_module(float_model).from_float(variables, state.variables())
   return variables
 
 
+# Transformer parameters that are not weights of a layer: no weight decay (as DeiT and Swin).
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "relative_position_bias_table")
+
+
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """True for conv/dense kernels; False for BatchNorm scales/offsets and biases (ndim <= 1)."""
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+  """True for conv/dense kernels; False for parameters with ndim <= 1 (BatchNorm and
+  LayerNorm scales/offsets, biases, layer scales) and those named in `NO_WEIGHT_DECAY`."""
+
+  def decayed(path, p):
+    return p.ndim > 1 and _path_name(path).rsplit("/", 1)[-1] not in NO_WEIGHT_DECAY
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -229,13 +247,27 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
   return optax.softmax_cross_entropy(logits, targets)
 
 
+# Keys of a step beside `augment`'s: the 'dropout' RNG (stochastic depth) and Mixup/CutMix's are
+# fold_in(step_key, stream). `augment` gives example i split(step_key, B)[i], which equals
+# fold_in(step_key, i): the streams are indices that no batch reaches.
+DROPOUT_STREAM, MIXUP_STREAM = 0xFFFFFFFF, 0xFFFFFFFE
+
+
 def train_step(state: TrainState, batch, key, *, model, tx, spec, config) -> tuple[TrainState, dict]:
   """One optimizer step on a (sharded) global batch of uint8 images. Pure; jit it."""
   images = batch["image"]
   step_key = jax.random.fold_in(key, state.step)
+  dropout_key = jax.random.fold_in(step_key, DROPOUT_STREAM)
   if config.augment:
     images = gdata.augment(step_key, images, spec)
-  images = gdata.normalize(images, spec).astype(jnp.dtype(config.dtype))
+  targets = jax.nn.one_hot(batch["label"], spec.num_classes)
+  if config.label_smoothing:
+    targets = optax.smooth_labels(targets, config.label_smoothing)
+  images, targets = gdata.mixup_cutmix(
+      jax.random.fold_in(step_key, MIXUP_STREAM), gdata.normalize(images, spec), targets,
+      config.get("mixup_alpha", 0.0), config.get("cutmix_alpha", 0.0),
+      config.get("mixup_switch_prob", 0.5))
+  images = images.astype(jnp.dtype(config.dtype))
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -243,8 +275,9 @@ def train_step(state: TrainState, batch, key, *, model, tx, spec, config) -> tup
         images,
         train=True,
         mutable=["batch_stats"],
+        rngs={"dropout": dropout_key},
     )
-    loss = cross_entropy(logits, batch["label"], spec.num_classes, config.label_smoothing).mean()
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

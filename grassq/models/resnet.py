@@ -10,6 +10,9 @@ One `ResNet` class covers the variants by its fields:
  2x2/2 average pool, then 1x1 conv + BN);
 - head: a name from `grassq.heads.HEADS`, built as submodule `head`.
 
+`ResNeXt` (Xie et al. 2017) is the same network with grouped 3x3 convolutions
+in its bottlenecks (cardinality `groups`, `width_per_group` channels each).
+
 Convolutions have no bias and use explicit PyTorch-style padding, so weights
 ported from torchvision/timm give the same outputs. Parameters are float32;
 `dtype` sets the compute dtype; logits are always float32.
@@ -30,11 +33,12 @@ Dtype = Any
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features, kernel, strides, dtype, name):
+def _conv(features, kernel, strides, dtype, name, groups=1):
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, name=name)
+                 feature_group_count=groups, kernel_init=conv_init, dtype=dtype,
+                 name=name)
 
 
 def _bn(train, dtype, name, zero_scale=False):
@@ -80,13 +84,21 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 reduce, 3x3, 1x1 expand (expansion 4); strides on the 1x1 or the 3x3."""
+  """1x1 reduce, 3x3, 1x1 expand (expansion 4); strides on the 1x1 or the 3x3.
+
+  The inner width is int(filters * width_per_group / 64) * groups, with the
+  3x3 conv split into `groups` groups (torchvision's rule): the defaults give
+  a ResNet bottleneck (width = filters), groups=32, width_per_group=4 the
+  ResNeXt 32x4d one.
+  """
   filters: int
   strides: int = 1
   stride_on: str = "3x3"
   shortcut: str = "conv"
   zero_init_residual: bool = True
   dtype: Dtype = jnp.float32
+  groups: int = 1
+  width_per_group: int = 64
   expansion = 4
 
   @nn.compact
@@ -95,9 +107,13 @@ class BottleneckBlock(nn.Module):
       raise ValueError(f"unknown stride_on {self.stride_on!r}; available: 1x1, 3x3")
     s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
     out = self.filters * self.expansion
-    y = _conv(self.filters, 1, s1, self.dtype, "conv1")(x)
+    width = int(self.filters * self.width_per_group / 64) * self.groups
+    if width <= 0:
+      raise ValueError(f"bottleneck width {width} from filters={self.filters}, groups="
+                       f"{self.groups}, width_per_group={self.width_per_group}")
+    y = _conv(width, 1, s1, self.dtype, "conv1")(x)
     y = nn.relu(_bn(train, self.dtype, "bn1")(y))
-    y = _conv(self.filters, 3, s3, self.dtype, "conv2")(y)
+    y = _conv(width, 3, s3, self.dtype, "conv2", groups=self.groups)(y)
     y = nn.relu(_bn(train, self.dtype, "bn2")(y))
     y = _conv(out, 1, 1, self.dtype, "conv3")(y)
     y = _bn(train, self.dtype, "bn3", self.zero_init_residual)(y)
@@ -171,9 +187,7 @@ class ResNet(nn.Module):
     else:
       raise ValueError(f"unknown stem {self.stem!r}; available: cifar, deep, imagenet")
 
-    block_cls = BLOCKS[self.block]
-    if self.block == "bottleneck":
-      block_cls = functools.partial(block_cls, stride_on=self.stride_on)
+    block_cls = functools.partial(BLOCKS[self.block], **self.block_fields())
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = block_cls(
@@ -190,3 +204,28 @@ class ResNet(nn.Module):
                        **self.head_kwargs)(features)
     logits = logits.astype(jnp.float32)
     return (logits, features) if return_features else logits
+
+  def block_fields(self) -> dict:
+    """Fields passed to every block besides its position-dependent ones."""
+    return {"stride_on": self.stride_on} if self.block == "bottleneck" else {}
+
+
+class ResNeXt(ResNet):
+  """ResNeXt (Xie et al. 2017): a bottleneck ResNet with grouped 3x3 convs.
+
+  A subclass rather than more `ResNet` fields, so the QAT twin and the cost
+  model, which copy `ResNet`'s fields, keep working on plain ResNets.
+
+  Attributes:
+    groups: cardinality C of every 3x3 conv (32 for 32x4d).
+    width_per_group: channels per group in the first stage (4 for 32x4d); it
+      doubles with each stage like the filters.
+  """
+  groups: int = 32
+  width_per_group: int = 4
+
+  def block_fields(self) -> dict:
+    if self.block != "bottleneck":
+      raise ValueError(f"ResNeXt needs block='bottleneck', not {self.block!r}")
+    return {"stride_on": self.stride_on, "groups": self.groups,
+            "width_per_group": self.width_per_group}

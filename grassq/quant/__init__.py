@@ -5,10 +5,11 @@ applies it to int32 accumulators with integers only (round half up, exact).
 The quantizers (`quantize_weight`, `fake_quant`, ...) follow HAWQV3: symmetric
 per-channel weights, unsigned activations after ReLU, int32 biases.
 `grassq.quant.qat` holds the QAT layers, `grassq.quant.qresnet` the QAT ResNets,
+`grassq.quant.qinception` the QAT InceptionV3,
 `grassq.quant.intops` the integer-only primitives (conv, pools, int4 packing, isqrt).
 """
 
-from grassq.quant import cost, intops, program, qat, qresnet
+from grassq.quant import cost, intops, program, qat, qinception, qresnet
 
 from grassq.quant.dyadic import (
     MAX_SHIFT,
@@ -36,6 +37,7 @@ __all__ = [
     "intops",
     "program",
     "qat",
+    "qinception",
     "qresnet",
     "MAX_SHIFT",
     "MIN_SHIFT",

@@ -1,11 +1,11 @@
 """The integer program: an explicit, immutable integer-only network, and its int32 interpreter.
 
-`to_program(model, variables, image_shape)` turns a calibrated (QAT) `QResNet` into an
-`IntegerProgram`: an ordered tuple of `Op`s over named tensors with int8 weights (int4 packed two
-per byte), int32 biases, per-channel dyadic multipliers and shifts, and clip ranges. Everything a
-back end needs is in the program; `run` (pure int32 jnp, jit-compiled, no floating-point op
-between the input quantization and the int32 logits) and the TVM lowering consume it and must
-agree bit for bit.
+`to_program(model, variables, image_shape)` turns a calibrated (QAT) `QResNet` or `QInception`
+into an `IntegerProgram`: an ordered tuple of `Op`s over named tensors with int8 weights (int4
+packed two per byte), int32 biases, per-channel dyadic multipliers and shifts, and clip ranges.
+Everything a back end needs is in the program; `run` (pure int32 jnp, jit-compiled, no
+floating-point op between the input quantization and the int32 logits) and the TVM lowering
+consume it and must agree bit for bit.
 
 Op kinds and their semantics (all tensors NHWC, values held in int32 between ops):
 
@@ -16,7 +16,16 @@ Op kinds and their semantics (all tensors NHWC, values held in int32 between ops
 * ``requantize``: (acc·m + 2^(c−1)) >> c per channel, then clamp to (bits, signed) when
   ``saturate`` (the ReLU of unsigned outputs is this clamp at 0).
 * ``add``: int32 add of two requantized (unsaturated) branches, clamped once to [lo, hi].
+* ``concat``: the inputs joined along channels (the last axis), in the order given. Each input
+  is already requantized and saturated to the common output scale and to the ``bits``/``signed``
+  range named in the attributes (Inception: every branch's accumulator is requantized with its
+  own per-channel multipliers to the scale of the quantizer after the block, and the clamp at 0
+  is the branch's ReLU; the op is named after that quantizer).
 * ``max_pool``, ``avg_pool``, ``global_avg_pool``: integer pools (floor division for averages).
+  ``max_pool`` also runs on int32 accumulators (per-channel positive scales: max commutes with
+  the requantization that follows). ``avg_pool`` takes optional ``padding`` (zeros; default
+  none) and ``count_include_pad`` (default False: divide by the unpadded count; Inception's 3x3/1
+  pools set True and divide by 9).
 
 The program's output is int32 logits at one per-tensor ``output_scale``, so their argmax is the
 prediction and ``logits · output_scale`` approximates the float logits.
@@ -25,6 +34,7 @@ prediction and ``logits · output_scale`` approximates the float logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -139,12 +149,12 @@ class _Builder:
   def act(self, x, path, bits, signed):
     return self.requant(x, path, self.act_scale(path, bits, signed), bits, signed)
 
-  def conv(self, x, path, strides, padding):
+  def conv(self, x, path, strides, padding, epsilon=1e-5):
     p = self._sub(self.params, path)
     s = self._sub(self.stats, path)
     w_bits = self.model_bits(path)
-    wf, bf = qat.fold_bn(p["kernel"], p["bn_scale"], p["bn_bias"], s["mean"], s["var"])
-    q, s_w = quantizers.quantize_weight(wf, w_bits)
+    q, s_w, bf = _fold_and_quantize(p["kernel"], p["bn_scale"], p["bn_bias"], s["mean"],
+                                    s["var"], bits=w_bits, epsilon=epsilon)
     return self._affine("conv", x, path, np.asarray(q), np.asarray(s_w, np.float64),
                         np.asarray(bf, np.float64), w_bits,
                         dict(strides=tuple(strides), padding=tuple(map(tuple, padding))))
@@ -174,22 +184,37 @@ class _Builder:
     return self.model.act_bits_of(path)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "epsilon"))
+def _fold_and_quantize(kernel, gamma, beta, mean, var, bits, epsilon):
+  """BatchNorm folded into the kernel, which is quantized per channel: (q, s_w, folded bias).
+
+  One compiled call per layer shape (op-by-op it compiled a dozen tiny programs per layer);
+  the same elementwise float32 ops as the QAT forward pass.
+  """
+  wf, bf = qat.fold_bn(kernel, gamma, beta, mean, var, epsilon)
+  q, s_w = quantizers.quantize_weight(wf, bits)
+  return q, s_w, bf
+
+
 def _pad(k):
   p = (k - 1) // 2
   return ((p, p), (p, p))
 
 
 def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
-  """Builds the integer program of a calibrated `QResNet` (see the module docstring).
+  """Builds the integer program of a calibrated `QResNet` or `QInception` (module docstring).
 
   Raises ValueError for a never-calibrated activation quantizer, an accumulator that could
   overflow int32 for a layer's shape and bit-widths, a requantization shift outside [1, 62],
   or an unsupported bit-width.
   """
-  from grassq.quant import qresnet
+  from grassq.quant import qinception, qresnet
 
+  if isinstance(model, qinception.QInception):
+    return _inception_program(model, variables, image_shape)
   if not isinstance(model, qresnet.QResNet):
-    raise TypeError(f"to_program needs a grassq.quant.qresnet.QResNet, got {type(model)}")
+    raise TypeError("to_program needs a grassq.quant.qresnet.QResNet or "
+                    f"grassq.quant.qinception.QInception, got {type(model)}")
   b = _Builder(model, variables)
   s8 = model.hawq_signed8
   in_scale = b.act_scale("input_act", 8, True)
@@ -217,6 +242,12 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
       strides = 2 if i > 0 and j == 0 else 1
       x = _block(b, model, x, path, filters, strides)
 
+  return _pool_and_head(b, model, x, image_shape)
+
+
+def _pool_and_head(b, model, x, image_shape):
+  """Global average pool, ``head_act``, the classifier and the int32 logits; the program."""
+  s8 = model.hawq_signed8
   pooled = b.emit("global_avg_pool", "pool", [x], {}, {}, b.meta[x])
   head_bits = b.act_bits("head")
   h = b.act(pooled, "head_act", head_bits, s8 and head_bits == 8)
@@ -228,6 +259,68 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
     out_scale = float(s_acc.max())  # one scale for every class: argmax is the prediction
     logits = b.requant(acc, "logits", out_scale, 32, True)
   return IntegerProgram(tuple(b.ops), tuple(image_shape), logits, out_scale, model.num_classes)
+
+
+def _inception_program(model, variables, image_shape):
+  """The integer program of a calibrated `QInception` (same walk as its forward pass)."""
+  from grassq.models import inception
+  from grassq.quant import qinception
+
+  b = _Builder(model, variables)
+  stem, blocks = inception.network(model)
+  in_scale = b.act_scale("input_act", 8, True)
+  x = b.emit("quantize_input", "input_act", [], dict(bits=8, signed=True, scale=in_scale), {},
+             (in_scale, 8, True))
+  leaves = _inception_branch(b, x, stem, "")
+  for name, branches in blocks:
+    groups = qinception.block_groups(name + "/", branches)
+    x = _join(b, leaves, f"{name}/act_in", b.act_bits(groups[0][1][0]))
+    leaves = [t for br in branches for t in _inception_branch(b, x, br, name + "/")]
+  x = _join(b, leaves, "final_act", qinception.FINAL_ACT_BITS)
+  return _pool_and_head(b, model, x, image_shape)
+
+
+def _inception_branch(b, x, steps, prefix):
+  """Ops of one branch from tensor x; returns its outputs: int32 accumulators (a conv's, maybe
+  max-pooled) or, for a pool-only branch, the quantized input pooled."""
+  from grassq.models import inception
+
+  for step in steps:
+    is_acc = b.meta[x][1] == 32
+    if isinstance(step, inception.Conv):
+      layer = f"{prefix}{step.name}/conv"
+      if is_acc:
+        x = b.act(x, f"{prefix}{step.name}_act", b.act_bits(layer), False)
+      x = b.conv(x, layer, step.strides, step.padding, inception.BN_EPSILON)
+    elif isinstance(step, inception.Pool) and step.kind == "max":
+      x = b.emit("max_pool", prefix + step.name, [x], dict(
+          window=tuple(step.window), strides=tuple(step.strides),
+          padding=tuple(map(tuple, step.padding))), {}, b.meta[x])
+    elif isinstance(step, inception.Pool) and step.kind == "avg":
+      if is_acc:
+        raise ValueError(f"{prefix}{step.name}: an average pool must read a quantized tensor")
+      x = b.emit("avg_pool", prefix + step.name, [x], dict(
+          window=tuple(step.window), strides=tuple(step.strides),
+          padding=tuple(map(tuple, step.padding)), count_include_pad=True), {}, b.meta[x])
+    elif isinstance(step, inception.Split):
+      if is_acc:
+        first = f"{prefix}{inception.readers((step,))[0]}/conv"
+        x = b.act(x, f"{prefix}{step.name}_act", b.act_bits(first), False)
+      return [t for br in step.branches for t in _inception_branch(b, x, br, prefix)]
+    else:
+      raise ValueError(f"unknown step {step!r}")
+  return [x]
+
+
+def _join(b, leaves, name, bits):
+  """Requantizes every leaf to quantizer `name`'s scale (saturated, unsigned: the ReLU) and
+  concatenates them; a single leaf is just requantized. Either op is named `name`."""
+  scale = b.act_scale(name, bits, False)
+  if len(leaves) == 1:
+    return b.requant(leaves[0], name, scale, bits, False)
+  producer = {op.output: op.name for op in b.ops}
+  parts = [b.requant(t, f"{producer[t]}/requant", scale, bits, False) for t in leaves]
+  return b.emit("concat", name, parts, dict(bits=bits, signed=False), {}, (scale, bits, False))
 
 
 def _grassmann_head(b, model, h):
@@ -352,7 +445,10 @@ def _apply(op: Op, arrays, env):
     return intops.max_pool_int(env[op.inputs[0]], a["window"], a["strides"], a["padding"])
   if op.kind == "avg_pool":
     return intops.avg_pool_int(env[op.inputs[0]], a["window"], a["strides"],
-                               count_include_pad=False)
+                               a.get("padding", ((0, 0), (0, 0))),
+                               count_include_pad=a.get("count_include_pad", False))
+  if op.kind == "concat":
+    return jnp.concatenate([env[t] for t in op.inputs], axis=-1)
   if op.kind == "global_avg_pool":
     return intops.global_avg_pool_int(env[op.inputs[0]])
   raise ValueError(f"unknown op kind {op.kind!r}")
@@ -397,30 +493,55 @@ def run(program: IntegerProgram, x_int8, fn=None):
   return fn(program_arrays(program), x_int8)
 
 
-def layer_report(program: IntegerProgram, model, variables, images, batch_size: int = 500):
+def _forced_interpreter(program: IntegerProgram):
+  """A jitted ``fn(arrays, x, forced, teacher) -> {op name: output}``: the program, where with
+  ``teacher`` every op named in `forced` passes the given values on instead of its own output
+  (each op then sees the reference inputs: differences are local to it)."""
+  ops = program.ops
+
+  def fn(arrays, x, forced, teacher):
+    env = {ops[0].output: x.astype(jnp.int32)}
+    outs = {ops[0].name: env[ops[0].output]}
+    for i, op in enumerate(ops[1:], start=1):
+      y = _apply(op, arrays.get(str(i), {}), env)
+      outs[op.name] = y
+      env[op.output] = jnp.where(teacher, forced[op.name], y) if op.name in forced else y
+    return outs
+
+  return jax.jit(fn)
+
+
+def layer_report(program: IntegerProgram, model, variables, images, batch_size: int = 500,
+                 local: bool = False):
   """The integer program against its fake-quant model, activation by activation.
 
   Every activation quantizer and residual join of the QAT `model` has an op of the same name in
-  the program (``quantize_input``/``requantize``/``add``). Its integer output is compared with the
-  fake-quant output divided by that tensor's scale: both count the same LSBs.
+  the program (``quantize_input``/``requantize``/``add``/``concat``; the requantizations that
+  feed a ``concat`` are not quantizers and are not listed). Its integer output is compared with
+  the fake-quant output divided by that tensor's scale: both count the same LSBs.
 
   Args:
     program: `to_program(model, variables, ...)`.
     model, variables: the calibrated QAT model it was converted from.
     images: float images as the model takes them (normalized), (N, *program.input_shape).
     batch_size: images per jitted call.
+    local: also run the program with every compared tensor replaced by the fake-quant values
+      (teacher forcing), so that each op's difference is its own, not carried from earlier
+      ops: the rounding rules alone (expected: at most 1 LSB, rarely).
 
   Returns:
     {"layers": {name: {"bits", "max_lsb", "mean_lsb", "frac_differ"}} in program order (LSBs
     of that tensor: residual joins are 16 bits wide, so one 8-bit LSB is 2^8 of theirs),
      "top1_agreement": integer vs fake-quant argmax, "max_logit_diff": in float logit units,
-     "integer_pred", "fake_pred": the two argmax predictions (numpy int arrays)}.
+     "integer_pred", "fake_pred": the two argmax predictions (numpy int arrays)}, and with
+    `local` "local_layers" as "layers" for the teacher-forced run.
   """
   b = _Builder(model, variables)
   scales, widths = {}, {}
+  joined = {t for op in program.ops if op.kind == "concat" for t in op.inputs}
   for op in program.ops:
-    if op.kind in ("quantize_input", "requantize") and op.attrs.get("saturate", True) \
-        and op.name != "logits":
+    if (op.kind in ("quantize_input", "requantize", "concat") and op.attrs.get("saturate", True)
+        and op.name != "logits" and op.output not in joined):
       scales[op.name] = b.act_scale(op.name, op.attrs["bits"], op.attrs["signed"])
       widths[op.name] = op.attrs["bits"]
     elif op.kind == "add":
@@ -436,36 +557,55 @@ def layer_report(program: IntegerProgram, model, variables, images, batch_size: 
       outs["/".join(k.key for k in path[:-2])] = y
     return logits, outs
 
-  fn = interpreter(program, all_outputs=True)
+  fn = _forced_interpreter(program) if local else interpreter(program, all_outputs=True)
   arrays = program_arrays(program)
-  stats = {name: [0, 0.0, 0, 0] for name in scales}  # max, sum, differing, count
+  new = lambda: {name: [0, 0.0, 0, 0] for name in scales}  # max, sum, differing, count
+  stats, local_stats = new(), new()
   preds, max_logit = ([], []), 0.0
   images = np.asarray(images)
+
+  def accumulate(st, ints, ref):
+    for name in scales:
+      d = np.abs(np.asarray(ints[name], np.int64) - ref[name])
+      s = st[name]
+      s[0] = max(s[0], int(d.max()))
+      s[1] += float(d.sum())
+      s[2] += int(np.count_nonzero(d))
+      s[3] += d.size
+
   for i in range(0, len(images), batch_size):
     x = images[i:i + batch_size]
     logits, outs = fake(variables, x)
-    ints = fn(arrays, quantize_input(program, x))
     missing = set(scales) - set(outs)
     if missing:
       raise ValueError(f"the model has no quantizer for program ops {sorted(missing)}")
-    for name, s in scales.items():
-      d = np.abs(np.asarray(ints[name], np.int64)
-                 - np.rint(np.asarray(outs[name], np.float64) / s).astype(np.int64))
-      st = stats[name]
-      st[0] = max(st[0], int(d.max()))
-      st[1] += float(d.sum())
-      st[2] += int(np.count_nonzero(d))
-      st[3] += d.size
+    ref = {name: np.rint(np.asarray(outs[name], np.float64) / s).astype(np.int64)
+           for name, s in scales.items()}
+    xq = quantize_input(program, x)
+    if local:
+      forced = {name: jnp.asarray(r, jnp.int32) for name, r in ref.items()
+                if name != program.ops[0].name}
+      ints = fn(arrays, xq, forced, False)
+      accumulate(local_stats, fn(arrays, xq, forced, True), ref)
+    else:
+      ints = fn(arrays, xq)
+    accumulate(stats, ints, ref)
     deq = np.asarray(ints[program.ops[-1].name], np.float64) * program.output_scale
     logits = np.asarray(logits, np.float64)
     preds[0].append(deq.argmax(-1))
     preds[1].append(logits.argmax(-1))
     max_logit = max(max_logit, float(np.abs(deq - logits).max()))
-  layers = {name: dict(bits=widths[name], max_lsb=st[0], mean_lsb=st[1] / st[3],
-                      frac_differ=st[2] / st[3]) for name, st in stats.items()}
+
+  def table(st):
+    return {name: dict(bits=widths[name], max_lsb=s[0], mean_lsb=s[1] / s[3],
+                       frac_differ=s[2] / s[3]) for name, s in st.items()}
+
   int_pred, fake_pred = np.concatenate(preds[0]), np.concatenate(preds[1])
-  return dict(layers=layers, top1_agreement=float(np.mean(int_pred == fake_pred)),
-              max_logit_diff=max_logit, integer_pred=int_pred, fake_pred=fake_pred)
+  rep = dict(layers=table(stats), top1_agreement=float(np.mean(int_pred == fake_pred)),
+             max_logit_diff=max_logit, integer_pred=int_pred, fake_pred=fake_pred)
+  if local:
+    rep["local_layers"] = table(local_stats)
+  return rep
 
 
 # ----------------------------------------------------------------------------- save / load
