@@ -422,3 +422,20 @@ def test_resnet50_sized_problem_solves_in_under_a_second(resnet50):
   assert elapsed < 1.0, elapsed
   for f, limit in budgets.items():
     assert sum(tables[f][n][b] for n, b in bits.items()) <= limit * (1 + 1e-9)
+
+
+def test_inception_branches_reading_one_quantizer_are_tied():
+  from grassq.quant import qinception
+  m = create_model("inception_v3_small", 10)
+  ties = ilp.tied_layers(m, (28, 28, 1))
+  assert ties and ties == ilp.tied_layers(qinception.quantized(m), (28, 28, 1))
+  tables = ilp.cost_tables(qinception.quantized(m), (28, 28, 1))
+  assert tables == ilp.cost_tables(m, (28, 28, 1)) and len(tables["bops"]) > 20
+  names = set(tables["bops"])
+  assert all(a in names and b in names for a, b in ties)
+  pinned = {n: 8 for n in qinception.PINNED_8BIT if n in names}
+  rng = np.random.default_rng()
+  omega = {n: {4: float(rng.uniform()), 8: 0.0} for n in names if n not in pinned}
+  budget = {"bops": ilp.budget_from_fraction(tables["bops"], "medium", pinned)}
+  bits = ilp.allocate_bits(omega, tables, budget, ties, pinned)
+  assert all(bits[a] == bits[b] for a, b in ties)

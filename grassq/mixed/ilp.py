@@ -334,11 +334,17 @@ def cost_tables(model, image_shape: Sequence[int], bits: Sequence[int] = (4, 8),
 
 
 def tied_layers(model, image_shape: Sequence[int]) -> list[tuple[str, str]]:
-  """Pairs that must share a bit-width: each block's ``conv1`` and its ``proj_conv``.
+  """Pairs that must share a bit-width: each block's ``conv1`` and its ``proj_conv``; for
+  InceptionV3 the convs of all branches that read one quantizer (`qinception.tied_layers`).
 
   Both read the block's quantized input ``act_in`` (quantized at conv1's bits), so with a
   layer's bits applying to its weights and the activations it reads they cannot differ.
   """
+  from grassq.models.inception import InceptionV3
+  from grassq.quant import qinception
+
+  if isinstance(model, (InceptionV3, qinception.QInception)):  # branches sharing one quantizer
+    return qinception.tied_layers(qinception.float_twin(model))
   names = cost_lib.layer_costs(_float_twin(model), image_shape)
   pairs = []
   for name in names:
@@ -352,6 +358,10 @@ def tied_layers(model, image_shape: Sequence[int]) -> list[tuple[str, str]]:
 
 def _float_twin(model):
   """The float ResNet with a QResNet's architecture fields (layer_costs sees nn.Conv/Dense)."""
+  from grassq.quant import qinception
+
+  if isinstance(model, qinception.QInception):
+    return qinception.float_twin(model)
   if not isinstance(model, QResNet):
     return model
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet)
