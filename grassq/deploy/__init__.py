@@ -1,0 +1,39 @@
+"""Deployment of the integer program through TVM (Relax, TVM 0.25-0.27).
+
+`to_relax(program, input_shape)` lowers a `grassq.quant.program.IntegerProgram` to a Relax
+IRModule with explicit integer ops; `build(program, target, input_shape)` compiles it and returns
+a callable over numpy arrays (int8 images -> int32 logits), bit for bit as
+`grassq.quant.program.run`; `save`/`load` write and read compiled modules. On a CPU with AVX-512
+VNNI the convolutions run in NCHW16c, tensorized with ``vpdpbusd`` by a hand schedule
+(`grassq.deploy.vnni`, no tuning; MetaSchedule tuning is optional). `cuda_source` generates the
+CUDA kernels for a T4 (sm_75) without a GPU.
+
+TVM is an optional dependency (``pip install grassq[tvm]``); this package imports it only when a
+function needs it.
+"""
+
+from grassq.deploy import vnni
+from grassq.deploy.build import (CUDA_T4_TARGET, GENERIC_TARGET, Deployed, build, cuda_ptx,
+                                 cuda_source, has_avx512_vnni, host_target, int8_instructions,
+                                 load, save, target_has_vnni)
+from grassq.deploy.relax import LAYOUTS, requantize_module, require_tvm, to_relax
+
+__all__ = [
+    "CUDA_T4_TARGET",
+    "GENERIC_TARGET",
+    "LAYOUTS",
+    "Deployed",
+    "build",
+    "cuda_ptx",
+    "cuda_source",
+    "has_avx512_vnni",
+    "host_target",
+    "int8_instructions",
+    "load",
+    "requantize_module",
+    "require_tvm",
+    "save",
+    "target_has_vnni",
+    "to_relax",
+    "vnni",
+]

@@ -1,0 +1,273 @@
+"""Compiling the Relax module of an integer program with TVM, running it, saving and loading it.
+
+`build(program, target, input_shape)` lowers the program (`to_relax`), compiles it with
+`tvm.compile` and returns a `Deployed` module: a callable over numpy arrays, int8 images
+(B, H, W, C) (the output of `program.quantize_input`) to int32 logits (B, num_classes), bit for
+bit as `grassq.quant.program.run`. Targets are TVM target dicts:
+
+* `host_target()`: ``{"kind": "llvm", "mcpu": <this CPU as LLVM names it>}`` (e.g. znver4/znver5,
+  with AVX-512 VNNI), the default; on a VNNI CPU the convolutions are lowered in NCHW16c and
+  tensorized with ``vpdpbusd`` by a hand schedule (`grassq.deploy.vnni`), no tuning needed;
+* `GENERIC_TARGET`: ``{"kind": "llvm"}``, any x86-64;
+* `CUDA_T4_TARGET`: ``{"kind": "cuda", "arch": "sm_75"}``; building for it needs a CUDA device
+  and driver at build time, else a RuntimeError. `cuda_source` generates the kernels without one
+  (and `cuda_ptx` compiles them with nvcc).
+
+`save(module, path)` writes the compiled module as one shared library (a temporary file renamed
+into place); `load(path)` reads it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from grassq.deploy.relax import INPUT_DTYPE, require_tvm, to_relax
+
+GENERIC_TARGET = {"kind": "llvm"}
+CUDA_T4_TARGET = {"kind": "cuda", "arch": "sm_75"}
+
+
+def host_target() -> dict:
+  """This CPU as an llvm target dict (``mcpu`` as LLVM detects it), or `GENERIC_TARGET`."""
+  tvm, _ = require_tvm()
+  try:
+    from tvm.target import codegen
+    cpu = codegen.llvm_get_system_cpu()
+    if cpu and codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
+      return {"kind": "llvm", "mcpu": str(cpu)}
+  except (AttributeError, RuntimeError, TypeError):
+    pass
+  return dict(GENERIC_TARGET)
+
+
+def has_avx512_vnni() -> bool:
+  """Whether this CPU has AVX-512 VNNI (``vpdpbusd``), from /proc/cpuinfo."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return "avx512_vnni" in f.read()
+  except OSError:
+    return False
+
+
+def _target(target):
+  tvm, _ = require_tvm()
+  if target is None:
+    target = host_target()
+  if isinstance(target, tvm.target.Target):
+    return target
+  if isinstance(target, str):
+    return tvm.target.Target(target)
+  if isinstance(target, Mapping):
+    return tvm.target.Target(dict(target))
+  raise TypeError(f"target must be a TVM target dict (e.g. {GENERIC_TARGET}); got {target!r}")
+
+
+def _device(kind):
+  tvm, _ = require_tvm()
+  if kind == "llvm":
+    return tvm.cpu(0)
+  if kind == "cuda":
+    dev = tvm.cuda(0)
+    if not dev.exist:
+      raise RuntimeError(
+          "no CUDA device: TVM found no GPU or CUDA driver (libcuda) on this machine, so a CUDA "
+          "module can be compiled but not run. grassq.deploy.cuda_source(program) generates the "
+          "CUDA kernels without one.")
+    return dev
+  raise ValueError(f"unsupported target kind {kind!r}: use llvm or cuda")
+
+
+class Deployed:
+  """A compiled integer program: ``module(x_int8) -> int32 logits`` as numpy arrays.
+
+  Attributes:
+    executable: the `tvm.runtime.Executable` (or loaded `tvm.runtime.Module`).
+    input_shape, output_shape: the static (B, H, W, C) and (B, num_classes).
+    device: the TVM device it runs on.
+  """
+
+  def __init__(self, executable, device, target=None):
+    _, relax = require_tvm()
+    self.executable, self.device, self.target = executable, device, target
+    self.vm = relax.VirtualMachine(executable, device)
+    in_shape, out_shape = self.vm["io_shapes"]()
+    self.input_shape = tuple(int(d) for d in in_shape)
+    self.output_shape = tuple(int(d) for d in out_shape)
+
+  def check_input(self, x) -> np.ndarray:
+    """x as a C-contiguous int8 numpy array of the compiled shape, or a ValueError."""
+    x = np.asarray(x)
+    if x.dtype != INPUT_DTYPE or x.shape != self.input_shape:
+      raise ValueError(f"the module takes int8 images of shape {self.input_shape} (quantized by "
+                       f"program.quantize_input; the batch is fixed at build time); got "
+                       f"{x.dtype} {x.shape}")
+    return np.ascontiguousarray(x)
+
+  def __call__(self, x) -> np.ndarray:
+    tvm, _ = require_tvm()
+    out = self.vm["main"](tvm.runtime.tensor(self.check_input(x), self.device))
+    return out.numpy()
+
+  def time(self, x, number: int = 10, repeat: int = 3) -> float:
+    """Median seconds per call on `x` (TVM's time evaluator: no Python in the loop)."""
+    tvm, _ = require_tvm()
+    arg = tvm.runtime.tensor(self.check_input(x), self.device)
+    timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+    return float(np.median(timer(arg).results))
+
+  def __repr__(self):
+    return (f"Deployed(input int8 {self.input_shape} -> int32 {self.output_shape}, "
+            f"device={self.device}, target={self.target})")
+
+
+def target_has_vnni(target) -> bool:
+  """Whether an llvm target's CPU has AVX-512 VNNI (``vpdpbusd``)."""
+  tvm, _ = require_tvm()
+  target = _target(target)
+  if target.kind.name != "llvm":
+    return False
+  from tvm.target import codegen
+  try:
+    return bool(codegen.llvm_cpu_has_features("avx512vnni", target))
+  except (AttributeError, RuntimeError, TypeError):
+    return False
+
+
+def build(program, target: Mapping[str, Any] | None = None,
+          input_shape: Sequence[int] | int | None = None, *, layout: str | None = None,
+          schedule: bool = True, tune_dir: str | None = None, trials: int = 0,
+          trials_per_task: int | None = None) -> Deployed:
+  """Compiles the program with TVM for `target` (default `host_target()`).
+
+  Args:
+    program: a `grassq.quant.program.IntegerProgram`.
+    target: a TVM target dict (`host_target()`, `GENERIC_TARGET`, `CUDA_T4_TARGET`, ...).
+    input_shape: (B, H, W, C) of the int8 input, or the batch size B (default 1).
+    layout: "NHWC" or "NCHW16c" (`to_relax`); default NCHW16c on a CPU with AVX-512 VNNI,
+      else NHWC.
+    schedule: on llvm targets, apply `grassq.deploy.vnni.schedule_module` (no tuning): VNNI
+      tensorized convolutions in NCHW16c on a VNNI CPU, fused elementwise kernels everywhere.
+    tune_dir: tune with MetaSchedule instead, its database in this directory
+      (`grassq.deploy.vnni.tuning_pipeline`); with ``trials=0`` an existing database is applied
+      and nothing is tuned.
+    trials, trials_per_task: MetaSchedule's total trial budget and per-task cap.
+
+  Returns:
+    a `Deployed` module.
+
+  Raises:
+    ImportError: without TVM. RuntimeError: a CUDA target on a machine without a CUDA device.
+  """
+  tvm, _ = require_tvm()
+  from grassq.deploy import vnni
+
+  target = _target(target)
+  device = _device(target.kind.name)  # before compiling: fail fast
+  cpu = target.kind.name == "llvm"
+  has_vnni = target_has_vnni(target)
+  if layout is None:
+    layout = "NCHW16c" if has_vnni else "NHWC"
+  mod = to_relax(program, input_shape, layout)
+  if tune_dir is not None:
+    mod = vnni.tuning_pipeline(target, tune_dir, trials, trials_per_task)(mod)
+    executable = tvm.compile(mod, target)
+  elif cpu and schedule:
+    executable = tvm.compile(mod, target,
+                             relax_pipeline=vnni.scheduled_pipeline(target, tensorize=has_vnni))
+  else:
+    executable = tvm.compile(mod, target)
+  return Deployed(executable, device, str(target))
+
+
+def save(module: Deployed, path: str) -> None:
+  """Writes the compiled module to `path` as one shared library (needs a C compiler to link).
+
+  The library is written under a temporary name in the same directory and renamed into place,
+  so a reader never sees half a file.
+  """
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".deploy-tmp-", suffix=".so")
+  os.close(fd)
+  try:
+    module.executable.export_library(tmp)
+    os.replace(tmp, path)
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def load(path: str, device: str = "cpu") -> Deployed:
+  """Reads a module written by `save`; ``device`` is "cpu" or "cuda"."""
+  tvm, _ = require_tvm()
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no compiled module at {path}")
+  kind = {"cpu": "llvm", "llvm": "llvm", "cuda": "cuda"}.get(device)
+  if kind is None:
+    raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
+  return Deployed(tvm.runtime.load_module(path), _device(kind))
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def cuda_source(program, input_shape: Sequence[int] | int | None = None,
+                arch: str = "sm_75") -> str:
+  """CUDA C of the program's kernels for `arch`, generated without a GPU, nvcc or NVRTC.
+
+  TVM's CUDA pipeline schedules the kernels with dlight's GPU rules (GEMM tiling in shared memory
+  for the convolutions). TVM 0.27 keeps a CUDA module as source until it is loaded on a GPU
+  machine, so nothing here needs the CUDA toolkit; `cuda_ptx` compiles the source with nvcc and
+  `int8_instructions` counts dp4a and tensor-core mma in either.
+  """
+  tvm, _ = require_tvm()
+  target = _target({"kind": "cuda", "arch": arch})
+  executable = tvm.compile(to_relax(program, input_shape), target)
+  sources = []
+
+  def visit(mod):
+    if mod.kind == "cuda":
+      sources.append(mod.inspect_source("cuda"))
+    for sub in mod.imports:
+      visit(sub)
+
+  visit(executable.mod)
+  if not sources:
+    raise RuntimeError("TVM produced no CUDA module for this program")
+  return "\n".join(sources)
+
+
+def cuda_ptx(source: str, arch: str = "sm_75") -> str:
+  """PTX of `cuda_source`'s CUDA C, compiled by nvcc (needs nvcc on PATH, no GPU).
+
+  TVM 0.27 keeps CUDA modules as source until they are loaded on a GPU machine (where NVRTC from
+  ``cuda-bindings``, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``, compiles them); this shows what
+  the device compiler makes of them, e.g. whether it forms ``dp4a`` on its own.
+  """
+  tvm, _ = require_tvm()
+  import shutil
+
+  if shutil.which("nvcc") is None:
+    raise RuntimeError("cuda_ptx needs nvcc (the CUDA toolkit) on PATH")
+  from tvm.support import nvcc
+
+  with tvm.target.Target({"kind": "cuda", "arch": arch}):
+    ptx = nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc")
+  return bytes(ptx).decode()
+
+
+def int8_instructions(source: str) -> dict:
+  """Counts of the int8 fast paths in CUDA C or PTX: dp4a (sm_61+) and integer mma/wmma."""
+  kernels = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\(", source))
+  return {
+      "kernels": len(kernels),
+      "dp4a": len(re.findall(r"__dp4a|dp4a\.", source)),
+      "mma": len(re.findall(r"mma\.sync|mma_sync|ptx_mma", source)),
+  }

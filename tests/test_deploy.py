@@ -1,0 +1,271 @@
+"""grassq.deploy: the TVM Relax lowering agrees bit for bit with the JAX int32 interpreter."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from grassq import deploy  # noqa: E402
+from grassq.models import create_model  # noqa: E402
+from grassq.quant import intops, qresnet, requantize_reference  # noqa: E402
+from grassq.quant import program as P  # noqa: E402
+
+IMAGE = (16, 16, 1)
+BATCH = 6
+
+
+def fresh_rng():
+  """A random generator seeded afresh each run; the seed goes into failure messages."""
+  seed = int(np.random.SeedSequence().entropy % 2**32)
+  return np.random.default_rng(seed), seed
+
+
+def calibrated_program(model_name, *, num_classes=10, bits=None, default_bits=8,
+                       default_act_bits=0, hawq_signed8=False, **model_kwargs):
+  """The integer program of a small QResNet whose activation ranges saw one training batch."""
+  model = create_model(model_name, num_classes, zero_init_residual=False, **model_kwargs)
+  q = qresnet.quantized(model, bits=bits, default_bits=default_bits,
+                        default_act_bits=default_act_bits, fix_bn=True, hawq_signed8=hawq_signed8)
+  x = jax.random.normal(jax.random.key(3), (8, *IMAGE))
+  qv = jax.jit(q.init)(jax.random.key(0), x[:1])
+  _, upd = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))(qv, x)
+  return P.to_program(q, {**qv, "batch_stats": upd["batch_stats"]}, IMAGE)
+
+
+def images(program, rng):
+  """int8 inputs: quantized normal images, uniform int8, and the extremes −128 and 127."""
+  h, w, c = program.input_shape
+  x = np.array(P.quantize_input(program, rng.normal(size=(BATCH, h, w, c)).astype(np.float32)))
+  x[1] = rng.integers(-128, 128, (h, w, c))
+  x[2], x[3] = -128, 127
+  x[4] = np.where(rng.random((h, w, c)) < 0.5, -128, 127)
+  return x.astype(np.int8)
+
+
+def assert_bit_exact(program, module, rng, seed):
+  x = images(program, rng)
+  want = np.asarray(P.run(program, x))
+  got = module(x)
+  assert got.dtype == np.int32 and got.shape == (BATCH, program.num_classes)
+  np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}")
+  assert len(np.unique(want)) > BATCH  # not a degenerate (constant) program
+
+
+@pytest.fixture(scope="module")
+def w4a8_gcr():
+  """W4A8 CIFAR ResNet with conv projection shortcuts and a 4-bit integer Grassmann head (15
+  packed output columns: an odd count)."""
+  prog = calibrated_program("resnet20", num_classes=5, stage_sizes=(1, 1, 1), default_bits=4,
+                            default_act_bits=8, bits={"head": 4}, head="grassmann",
+                            head_kwargs={"subspace_dim": 3})
+  return prog, deploy.build(prog, deploy.host_target(), BATCH)
+
+
+@pytest.fixture(scope="module")
+def w8a8_imagenet():
+  """W8A8 (one int4 conv) ImageNet-style ResNet-D: deep stem, max pool, bottlenecks, avg-pool
+  shortcut, signed 8-bit activations, linear head; built for this CPU and for any x86-64."""
+  prog = calibrated_program("resnet50d", stage_sizes=(1, 1), num_filters=4, hawq_signed8=True,
+                            bits={"stage2_block0/conv2": 4})
+  return prog, {"host": deploy.build(prog, deploy.host_target(), BATCH),
+                "generic": deploy.build(prog, deploy.GENERIC_TARGET, BATCH)}
+
+
+def vnni_instructions(module):
+  """How many vpdpbusd the module's compiled code holds."""
+  return sum(m.inspect_source("asm").count("vpdpbusd") for m in module.executable.mod.imports
+             if m.kind == "llvm")
+
+
+def test_w4a8_grassmann_program_is_bit_exact(w4a8_gcr):
+  prog, module = w4a8_gcr
+  kinds = {op.kind for op in prog.ops}
+  assert {"grassmann_head", "conv", "add"} <= kinds
+  assert prog.layer("stage2_block0/proj_conv").attrs["w_bits"] == 4
+  assert prog.layer("head").arrays["weight"].shape[-1] == 8  # 15 columns packed two per byte
+  rng, seed = fresh_rng()
+  assert_bit_exact(prog, module, rng, seed)
+  if deploy.target_has_vnni(deploy.host_target()):  # NCHW16c convs tensorized with VNNI
+    assert vnni_instructions(module) > 0
+
+
+@pytest.mark.parametrize("target", ["host", "generic"])
+def test_w8a8_imagenet_style_program_is_bit_exact(w8a8_imagenet, target):
+  prog, modules = w8a8_imagenet
+  kinds = [op.kind for op in prog.ops]
+  assert "max_pool" in kinds and "avg_pool" in kinds and kinds[-2:] == ["dense", "requantize"]
+  assert prog.layer("stage1_block0/conv1").attrs["in_signed"]  # x ⊕ 0x80 on the VNNI path
+  rng, seed = fresh_rng()
+  assert_bit_exact(prog, modules[target], rng, seed)
+  if target == "generic":
+    assert vnni_instructions(modules[target]) == 0
+
+
+def _op(kind, name, inputs, output, attrs, arrays=None):
+  return P.Op(kind, name, tuple(inputs), output, attrs, arrays or {})
+
+
+def synthetic_program(rng):
+  """Hand-made ops the ResNets do not produce: a padded max pool over signed int8, asymmetric
+  conv padding, a padded 3x3/1 avg pool counting the padding (Inception's), a channel concat, a
+  2x2 avg pool of signed 4-bit values over odd sizes (floor of negatives), a conv on 16-bit
+  signed inputs, a residual add with its clamp, an odd int4 dense layer; random weights and
+  dyadic factors."""
+  def dyadic_like(n, lo, hi):
+    return (rng.integers(2**30, 2**31 - 1, n).astype(np.int32),
+            rng.integers(lo, hi + 1, n).astype(np.int32))
+
+  w1 = rng.integers(-8, 8, (3, 3, 1, 5))
+  w2 = rng.integers(-128, 128, (3, 3, 10, 4)).astype(np.int8)
+  w3 = rng.integers(-8, 8, (4, 3))
+  m1, c1 = dyadic_like(5, 35, 37)
+  m2, c2 = dyadic_like(1, 20, 22)
+  m3, c3 = dyadic_like(4, 36, 38)
+  m4, c4 = dyadic_like(4, 35, 38)
+  m5, c5 = dyadic_like(1, 38, 40)
+  m6, c6 = dyadic_like(3, 30, 32)
+  m7, c7 = dyadic_like(5, 30, 30)
+  i32 = lambda n, r: rng.integers(-r, r, n).astype(np.int32)
+  ops = (
+      _op("quantize_input", "input", [], "x", dict(bits=8, signed=True, scale=0.05)),
+      _op("max_pool", "maxpool", ["x"], "p1", dict(window=(3, 3), strides=(1, 1),
+                                                   padding=((1, 1), (0, 1)))),
+      _op("conv", "conv1", ["p1"], "a1", dict(strides=(2, 2), padding=((0, 1), (1, 0)), w_bits=4,
+                                              cout=5, in_bits=8, in_signed=True),
+          dict(weight=intops.pack_int4(w1), bias=i32(5, 500))),
+      _op("requantize", "act1", ["a1"], "q1", dict(bits=4, signed=True, saturate=True),
+          dict(multiplier=m1, shift=c1)),
+      _op("avg_pool", "avgpool_same", ["q1"], "p3", dict(
+          window=(3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)),
+      _op("requantize", "act_b", ["p3"], "q4", dict(bits=4, signed=True, saturate=True),
+          dict(multiplier=m7, shift=c7)),
+      _op("concat", "cat", ["q1", "q4"], "c", dict(bits=4, signed=True)),
+      _op("avg_pool", "avgpool", ["c"], "p2", dict(window=(2, 2), strides=(2, 2))),
+      _op("requantize", "act2", ["p2"], "q2", dict(bits=16, signed=True, saturate=True),
+          dict(multiplier=m2, shift=c2)),
+      _op("conv", "conv2", ["q2"], "a2", dict(strides=(1, 1), padding=((1, 1), (1, 1)), w_bits=8,
+                                              cout=4, in_bits=16, in_signed=True),
+          dict(weight=w2, bias=i32(4, 10**5))),
+      _op("requantize", "main", ["a2"], "r1", dict(bits=32, signed=True, saturate=False),
+          dict(multiplier=m3, shift=c3)),
+      _op("requantize", "shortcut", ["a2"], "r2", dict(bits=32, signed=True, saturate=False),
+          dict(multiplier=m4, shift=c4)),
+      _op("add", "add", ["r1", "r2"], "s", dict(lo=-300, hi=2**16 - 1)),
+      _op("global_avg_pool", "pool", ["s"], "g", {}),
+      _op("requantize", "act3", ["g"], "q3", dict(bits=8, signed=True, saturate=True),
+          dict(multiplier=m5, shift=c5)),
+      _op("dense", "fc", ["q3"], "f", dict(w_bits=4, cout=3, in_bits=8, in_signed=True),
+          dict(weight=intops.pack_int4(w3), bias=i32(3, 50))),
+      _op("requantize", "logits", ["f"], "out", dict(bits=32, signed=True, saturate=True),
+          dict(multiplier=m6, shift=c6)),
+  )
+  return P.IntegerProgram(ops, (13, 11, 1), "out", 1.0, 3)
+
+
+def test_synthetic_program_is_bit_exact_in_both_layouts():
+  rng, seed = fresh_rng()
+  prog = synthetic_program(rng)
+  x = rng.integers(-128, 128, (BATCH, 13, 11, 1)).astype(np.int8)
+  x[0], x[1] = -128, 127
+  want = np.asarray(P.run(prog, x))
+  assert len(np.unique(want)) > 3, f"seed {seed}: degenerate logits {want}"
+  assert np.abs(want).max() < 2**20, f"seed {seed}: saturated logits {want}"
+  for target, layout in [(deploy.host_target(), "NCHW16c"), (deploy.host_target(), "NHWC")]:
+    got = deploy.build(prog, target, BATCH, layout=layout)(x)
+    np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, {target}, {layout}")
+
+
+# (bits, signed, saturate), as in tests/test_quant_dyadic.py
+COMBOS = [(8, False, True), (8, True, True), (4, True, True), (16, True, True), (32, True, True),
+          (32, True, False)]
+
+
+@pytest.mark.parametrize("bits,signed,saturate", COMBOS)
+def test_requantize_matches_python_big_integers(bits, signed, saturate):
+  rng, seed = fresh_rng()
+  n = 4096
+  acc = rng.integers(-2**31, 2**31, n, dtype=np.int64)
+  acc[:6] = [-2**31, 2**31 - 1, 0, -1, 1, -2**30]
+  multiplier = rng.integers(2**30, 2**31, n, dtype=np.int64)
+  multiplier[:n // 8] = rng.integers(-2**31, 2**31, n // 8)  # any int32 is exact
+  multiplier[6:9] = [2**31 - 1, -2**31, 2**30]
+  shift = rng.integers(1, 63, n)
+  shift[: n // 2] = rng.integers(20, 40, n // 2)  # where results are mostly inside the range
+  shift[9:12] = [1, 62, 31]
+  # ties round half up: 3·2^30 / 2^31 = 1.5 -> 2 and −1.5 -> −1
+  acc[12:14], multiplier[12:14], shift[12:14] = [3, -3], 2**30, 31
+  acc, multiplier, shift = (a.astype(np.int32) for a in (acc, multiplier, shift))
+  mod = deploy.requantize_module(multiplier, shift, bits, signed, saturate)
+  executable = tvm.compile(mod, tvm.target.Target(deploy.GENERIC_TARGET))
+  vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+  got = vm["main"](tvm.runtime.tensor(acc)).numpy()
+  want = requantize_reference(acc, multiplier, shift, bits, signed, saturate)
+  np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}")
+  assert got[12] == 2 and got[13] == (0 if not signed else -1)
+  with pytest.raises(ValueError, match="shift"):
+    deploy.requantize_module(multiplier[:2], np.array([0, 63], np.int32), bits, signed, saturate)
+
+
+def test_save_load_round_trip(w4a8_gcr, tmp_path):
+  prog, module = w4a8_gcr
+  path = tmp_path / "models" / "w4a8.so"
+  deploy.save(module, str(path))
+  deploy.save(module, str(path))  # replaces it
+  assert sorted(os.listdir(path.parent)) == ["w4a8.so"]  # no temporary files left behind
+  back = deploy.load(str(path))
+  assert back.input_shape == (BATCH, *IMAGE) and back.output_shape == (BATCH, 5)
+  rng, seed = fresh_rng()
+  x = images(prog, rng)
+  np.testing.assert_array_equal(back(x), module(x), err_msg=f"seed {seed}")
+  with pytest.raises(FileNotFoundError):
+    deploy.load(str(tmp_path / "missing.so"))
+
+
+def test_bad_inputs_are_refused(w4a8_gcr):
+  prog, module = w4a8_gcr
+  x = np.zeros((BATCH, *IMAGE), np.int8)
+  for bad in (x.astype(np.float32), x.astype(np.uint8), x.astype(np.int32),
+              x[:BATCH - 1], np.zeros((BATCH, 16, 15, 1), np.int8)):
+    with pytest.raises(ValueError, match=r"int8 images of shape \(6, 16, 16, 1\)"):
+      module(bad)
+  with pytest.raises(ValueError, match="input_shape"):
+    deploy.to_relax(prog, (BATCH, 28, 28, 1))
+  with pytest.raises(TypeError, match="target"):
+    deploy.build(prog, 42, BATCH)
+
+
+def test_module_signature(w4a8_gcr):
+  prog, _ = w4a8_gcr
+  mod = deploy.to_relax(prog, 2)
+  main = mod["main"]
+  assert str(main.params[0].ty.dtype) == "int8"
+  assert [int(d) for d in main.params[0].ty.shape] == [2, *IMAGE]
+  assert str(main.ret_ty.dtype) == "int32"
+  # int4 weights travel packed two per int8 byte, never as TVM's int4 dtype (wrong on llvm)
+  assert "int4" not in mod.script(show_meta=False)
+
+
+def test_cuda_kernels_are_generated_without_a_gpu():
+  rng, _ = fresh_rng()
+  prog = synthetic_program(rng)
+  src = deploy.cuda_source(prog, 2)
+  counts = deploy.int8_instructions(src)
+  assert "__global__" in src and counts["kernels"] >= 5
+  assert set(counts) == {"kernels", "dp4a", "mma"}
+  if not tvm.cuda(0).exist:
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+      deploy.build(prog, deploy.CUDA_T4_TARGET, 2)
+
+
+def test_missing_tvm_says_how_to_install(monkeypatch):
+  for name in [m for m in sys.modules if m == "tvm" or m.startswith("tvm.")]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm now raises ImportError
+  with pytest.raises(ImportError, match=r"pip install grassq\[tvm\]"):
+    deploy.require_tvm()
+  with pytest.raises(ImportError, match=r"pip install grassq\[tvm\]"):
+    deploy.build(None, deploy.GENERIC_TARGET)
