@@ -1,4 +1,5 @@
-"""Hutchinson traces vs exact Hessians, BN-folded coordinates of grassq ResNets, sensitivities."""
+"""Hutchinson traces vs exact Hessians, BN-folded coordinates of grassq ResNets and InceptionV3,
+sensitivities."""
 
 import os
 import subprocess
@@ -14,7 +15,8 @@ from jax.flatten_util import ravel_pytree
 
 from grassq.mixed import hessian
 from grassq.models import ResNet, create_model
-from grassq.quant import qresnet
+from grassq.models import inception
+from grassq.quant import cost, qinception, qresnet
 
 BN_EPS = 1e-5  # grassq.models.resnet's BatchNorm epsilon
 
@@ -206,10 +208,10 @@ def test_bad_inputs_raise_clear_errors():
 # ----------------------------------------------------------------------------- folded ResNets
 
 
-def _random_variables(model, shape, seed):
+def _random_variables(model, shape, seed, signed_gammas=True):
   """Fresh float variables from numpy (no compilation): He-normal kernels, orthonormal bases,
-  BN with signed gammas (the first two exactly 0 in BNs of more than 4 channels), random
-  offsets, running means and variances."""
+  BN with signed gammas (the first two exactly 0 in BNs of more than 4 channels; positive ones
+  unless `signed_gammas`), random offsets, running means and variances."""
   rng = np.random.default_rng(seed)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
 
@@ -220,9 +222,11 @@ def _random_variables(model, shape, seed):
     elif kind == "bases":
       value = np.linalg.qr(rng.normal(size=shape))[0]
     elif kind == "scale":
-      value = rng.uniform(0.3, 1.5, shape) * rng.choice([-1.0, 1.0], shape, p=[0.3, 0.7])
-      if shape[0] > 4:
-        value[:2] = 0.0
+      value = rng.uniform(0.3, 1.5, shape)
+      if signed_gammas:
+        value *= rng.choice([-1.0, 1.0], shape, p=[0.3, 0.7])
+        if shape[0] > 4:
+          value[:2] = 0.0
     elif kind == "var":
       value = rng.uniform(0.2, 2.0, shape)
     else:  # BN and dense biases, running means
@@ -253,14 +257,14 @@ def tiny_resnet(request):
   return model, _random_variables(model, shape, seed=1), shape, apply
 
 
-def _np_fold(variables, name):
+def _np_fold(variables, name, eps=BN_EPS):
   """(W * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps)) in numpy float64."""
   path = name.split("/")
   bn = (*path[:-1], path[-1].replace("conv", "bn"))
   get = lambda tree, p: get(tree[p[0]], p[1:]) if p else tree
   as64 = lambda x: np.asarray(x, np.float64)
   p, s = get(variables["params"], bn), get(variables["batch_stats"], bn)
-  inv = as64(p["scale"]) / np.sqrt(as64(s["var"]) + BN_EPS)
+  inv = as64(p["scale"]) / np.sqrt(as64(s["var"]) + eps)
   return (as64(get(variables["params"], path)["kernel"]) * inv,
           as64(p["bias"]) - as64(s["mean"]) * inv)
 
@@ -311,6 +315,73 @@ def test_folded_loss_is_the_eval_cross_entropy(tiny_resnet):
   np.testing.assert_allclose(loss_fn(folded, {**batch, "mask": mask}), nll[:5].mean(), rtol=1e-5)
   with pytest.raises(TypeError, match="spec"):
     hessian.folded_loss(model, v)(folded, batch)
+
+
+# ----------------------------------------------------------------------------- folded InceptionV3
+
+INCEPTION_SHAPE = (16, 16, 1)  # small stem: 8x8 into Mixed_5b, 3x3 after Mixed_6a, 1x1 after 7a
+
+
+def test_folded_inception_names_weights_and_rebuild():
+  # one block of each type (A, B, C, D, E: pools, InceptionE's split) at 1/8 width
+  model = create_model("inception_v3_small", 5, pool_features=(32,), c7=(128,), e_blocks=1)
+  v = _random_variables(model, INCEPTION_SHAPE, seed=1)
+  folded, rebuild = hessian.folded_weights(model, v)
+  assert list(folded) == qinception.layer_names(qinception.quantized(model))
+  assert sorted(folded) == sorted(cost.layer_costs(model, INCEPTION_SHAPE))
+  for name in ("Conv2d_1a_3x3/conv", "Mixed_5b/branch_pool/conv", "Mixed_7b/branch3x3_2b/conv"):
+    np.testing.assert_allclose(folded[name], _np_fold(v, name, inception.BN_EPSILON)[0],
+                               rtol=1e-5, atol=1e-7, err_msg=name)
+
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  x = jax.random.normal(jax.random.key(2), (4, *INCEPTION_SHAPE))
+  np.testing.assert_allclose(apply(rebuild(folded), x), apply(v, x), rtol=1e-4, atol=1e-5)
+  rng = np.random.default_rng(3)
+  new = {n: w + 0.1 * rng.normal(size=w.shape).astype(np.float32) for n, w in folded.items()}
+  refolded, _ = hessian.folded_weights(model, rebuild(new))
+  for name in folded:
+    np.testing.assert_allclose(refolded[name], new[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+  with pytest.raises(TypeError, match="float grassq.models.ResNet or InceptionV3"):
+    hessian.folded_weights(qinception.quantized(model), v)
+
+
+def _exact_traces_by_hvps(loss_fn, params, batch):
+  """Tr(H_ll) / n_l of each layer, exactly: one HVP per basis vector of all of `params` (params
+  and basis are arguments of the jitted function, not constants for XLA to fold)."""
+  sizes = [int(np.prod(p.shape)) for p in params.values()]
+  starts = np.cumsum([0] + sizes)
+  eye = np.eye(starts[-1], dtype=np.float32)
+  basis = {n: eye[:, a:a + m].reshape(-1, *p.shape)
+           for (n, p), a, m in zip(params.items(), starts, sizes)}
+  grad = lambda p: jax.grad(loss_fn)(p, batch)
+  hvps = jax.jit(lambda p, ts: jax.vmap(lambda t: jax.jvp(grad, (p,), (t,))[1])(ts))(params,
+                                                                                    basis)
+  return {n: float(np.trace(np.asarray(hvps[n][a:a + m], np.float64).reshape(m, m))) / m
+          for n, a, m in zip(params, starts, sizes)}
+
+
+def test_hutchinson_matches_exact_traces_of_inception_layers():
+  model = create_model("inception_v3_small", 5, pool_features=(32,), c7=(), e_blocks=0)
+  v = _random_variables(model, INCEPTION_SHAPE, seed=3, signed_gammas=False)  # loss ~2
+  folded, _ = hessian.folded_weights(model, v)
+  loss_fn = hessian.folded_loss(model, v)
+  rng = np.random.default_rng(4)
+  batch = {"image": rng.normal(size=(8, *INCEPTION_SHAPE)).astype(np.float32),
+           "label": rng.integers(0, 5, 8)}
+  # Layer blocks of the folded loss's Hessian, the other folded weights held fixed (the blocks
+  # do not depend on which other layers are estimated; fewer layers, fewer cross terms).
+  layers = ("Conv2d_1a_3x3/conv", "Conv2d_3b_1x1/conv", "Mixed_5b/branch5x5_1/conv")
+  chosen = {n: folded[n] for n in layers}
+  block_loss = lambda p, b: loss_fn({**folded, **p}, b)
+  exact = _exact_traces_by_hvps(block_loss, chosen, batch)
+  est = hessian.hutchinson_trace(block_loss, chosen, [batch], jax.random.key(5, impl="rbg"),
+                                 probes_per_step=128, tol=1e-6, min_probes=512, max_probes=512)
+  for name in layers:
+    e = est[name]
+    assert e.num_probes == 512 and e.num_params == folded[name].size
+    assert e.stderr_per_param < 0.1 * abs(exact[name]), (name, e, exact[name])  # has teeth
+    assert abs(e.trace_per_param - exact[name]) <= 3 * e.stderr_per_param, (name, e, exact[name])
 
 
 # ----------------------------------------------------------------------------- sensitivity

@@ -246,7 +246,9 @@ def test_integer_program_agrees_with_fake_quant(calibrated, w8a8):
   assert {"Mixed_6a/act_in", "Mixed_7b/act_in", "final_act", "Mixed_7b/branch3x3_2_act"} <= set(
       layers)
   assert not any(name.endswith("/requant") for name in layers)
-  assert layers["input_act"]["max_lsb"] == 0
+  # The float/int boundary: host quantize_input vs the jitted fake-quant may round a value lying
+  # on a .5 boundary differently (float32 division inside and outside XLA), rarely, by 1 LSB.
+  assert layers["input_act"]["max_lsb"] <= 1 and layers["input_act"]["frac_differ"] < 1e-4
   assert layers["Conv2d_2a_3x3_act"]["max_lsb"] <= 1  # first requantization: rounding only
   # Without residual shortcuts every conv requantizes its predecessor's 8-bit output, so 1-LSB
   # rounding differences (int32 bias, dyadic vs float scale) spread with depth (measured: at

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from grassq.models import create_model
-from grassq.quant import qresnet
+from grassq.quant import qat, qresnet
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_from_float_fills_weights_and_leaves_ranges_uncalibrated(float_resnet20)
   q = qresnet.quantized(model)
   init = jax.jit(q.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   mapped = qresnet.from_float(v, init)
-  shapes = lambda t: jax.tree_util.tree_map(jnp.shape, qresnet._unfreeze(t))
+  shapes = lambda t: jax.tree_util.tree_map(jnp.shape, qat.mutable_copy(t))
   assert shapes(mapped["params"]) == shapes(init["params"])
   assert shapes(mapped["batch_stats"]) == shapes(init["batch_stats"])
   blk = mapped["params"]["stage2_block0"]

@@ -4,9 +4,12 @@ Parameter counts at 224x224 come from `jax.eval_shape` (no compute). Everything 
 tiny widths on 28x28 digits. Each recipe config, shrunk, is trained for a few steps by
 `grassq.train.train_and_evaluate`: ResNeXt in this process, DeiT and Swin sharded over 8 forced
 CPU devices in a subprocess that runs this file as a script (XLA_FLAGS must be set before JAX
-starts). The subprocess is started when the module's first test runs, so it overlaps the others.
+starts). The same subprocess computes each tiny backbone's loss and gradients on one device and
+data-parallel over the 8 (``parity:NAME``), for the parent to compare. It is started when the
+module's first test runs, so it overlaps the others.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/test_zoo.py deit3_small swin_tiny
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/test_zoo.py deit3_small \
+      swin_tiny parity:deit3_small
 """
 
 import functools
@@ -276,14 +279,53 @@ def smoke_run(name, workdir, devices=None):
   }
 
 
+def one_vs_many_devices(name, batch_size=16):
+  """Loss and gradients of the tiny `name` (Grassmann head, training mode: BatchNorm with batch
+  statistics, no stochastic depth) for one batch: jitted on one device, and data-parallel (the
+  batch split over all devices, parameters replicated, as `train.train_and_evaluate` shards)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  model = create_model(name, 10, head="grassmann", head_kwargs={"subspace_dim": 4}, **TINY[name])
+  images = jax.random.normal(jax.random.key(1), (batch_size, 28, 28, 1))
+  labels = jnp.arange(batch_size) % 10
+  variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+
+  def loss_fn(params, images, labels):
+    logits, _ = model.apply({**variables, "params": params}, images, train=True,
+                            mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  one = jax.devices()[0]
+  loss1, grads1 = grad_fn(*jax.device_put((variables["params"], images, labels), one))
+  mesh = train.make_mesh()
+  batch = NamedSharding(mesh, P("data"))
+  args = (jax.device_put(variables["params"], NamedSharding(mesh, P())),
+          jax.device_put(images, batch), jax.device_put(labels, batch))
+  loss8, grads8 = grad_fn(*args)
+  worst = max(  # |g8 - g1| relative to the largest entry of the leaf
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(b)), 1e-30))
+      for a, b in zip(jax.tree_util.tree_leaves(grads8), jax.tree_util.tree_leaves(grads1)))
+  return {
+      "devices": [len(args[1].sharding.device_set), len(loss8.sharding.device_set)],
+      "loss_1": float(loss1), "loss_8": float(loss8),
+      "grad_rel_error": worst,
+      "grad_norm": float(optax.global_norm(grads1)),
+      "leaves": len(jax.tree_util.tree_leaves(grads1)),
+  }
+
+
 SHARDED = ("deit3_small", "swin_tiny")  # run on 8 devices in the subprocess
+PARITY = ("resnext50", "deit3_small", "swin_tiny")  # one vs 8 devices, in the subprocess
 
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_device_runs(request):
   """Starts the 8-device subprocess at once when a test that needs it was selected."""
-  wanted = [n for n in SHARDED
-            if any(item.name == f"test_recipe_smoke_run[{n}]" for item in request.session.items)]
+  selected = {item.name for item in request.session.items}
+  wanted = [n for n in SHARDED if f"test_recipe_smoke_run[{n}]" in selected]
+  wanted += [f"parity:{n}" for n in PARITY
+             if f"test_one_and_eight_devices_agree[{n}]" in selected]
   if not wanted:
     yield None
     return
@@ -328,6 +370,20 @@ def test_recipe_smoke_run(name, tmp_path, eight_device_runs):
   assert r["restored"]
 
 
+@pytest.mark.parametrize("name", PARITY)
+def test_one_and_eight_devices_agree(name, eight_device_runs):
+  """The same parameters and batch give the same loss and gradients (forward and backward under
+  jit) on one device and data-parallel over 8 forced CPU devices: only the order of the batch
+  reductions differs (float32)."""
+  r = eight_device_runs(f"parity:{name}")
+  if "error" in r:
+    pytest.fail(r["error"])
+  assert r["devices"] == [8, 8]
+  assert np.isfinite(r["loss_1"]) and r["grad_norm"] > 0 and r["leaves"] > 4
+  np.testing.assert_allclose(r["loss_8"], r["loss_1"], rtol=1e-5)
+  assert r["grad_rel_error"] <= 1e-4, r
+
+
 def _main(names):
   import tempfile
   import traceback
@@ -336,7 +392,10 @@ def _main(names):
   for name in names:
     with tempfile.TemporaryDirectory() as workdir:
       try:
-        out[name] = smoke_run(name, workdir)
+        if name.startswith("parity:"):
+          out[name] = one_vs_many_devices(name.split(":", 1)[1])
+        else:
+          out[name] = smoke_run(name, workdir)
       except Exception:  # pylint: disable=broad-except
         out[name] = {"error": traceback.format_exc()[-4000:]}
   print(json.dumps(out))

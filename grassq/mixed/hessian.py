@@ -9,8 +9,10 @@ classifier's kernel.
 * `hutchinson_trace(loss_fn, params, batches, key)`: per-layer block traces of any loss by
   Hutchinson's estimator (Rademacher probes, forward-over-reverse Hessian-vector products,
   several probes per step under `jax.vmap`, stopped by a relative standard-error tolerance);
-* `folded_weights(model, variables)`: a float `grassq.models.ResNet`'s folded weights, keyed by
-  the layer names of its QAT twin (`grassq.quant.qresnet.layer_names`), and the inverse map;
+* `folded_weights(model, variables)`: a float `grassq.models.ResNet`'s or `InceptionV3`'s folded
+  weights, keyed by the layer names of its QAT twin (`grassq.quant.qresnet.layer_names`,
+  `grassq.quant.qinception.layer_names`, those of `grassq.quant.cost.layer_costs`), and the
+  inverse map;
 * `folded_loss(model, variables)`: the eval-mode cross-entropy as a function of those weights;
 * `sensitivity(traces, folded, bits)`: Omega per layer and bit-width, with the same per-channel
   fake quantizer as the QAT layers; `layer_sensitivities(...)` chains the three.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -28,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grassq.models.inception import InceptionV3
 from grassq.models.resnet import ResNet
-from grassq.quant import qat, quantizers
+from grassq.quant import qat, qinception, qresnet, quantizers
 
 PyTree = Any
 
@@ -206,14 +208,12 @@ def hutchinson_trace(loss_fn: Callable[[PyTree, Any], jax.Array], params: Mappin
 # ----------------------------------------------------------------------------- folded weights
 
 
-def _forward_order(name):
-  """The order of `grassq.quant.qresnet.layer_names`: stem, blocks by stage/index, head."""
-  if name.startswith("stem"):
-    return (0, name)
-  if name == "head":
-    return (2, name)
-  m = re.match(r"stage(\d+)_block(\d+)/", name)
-  return (1, int(m.group(1)), int(m.group(2)), name) if m else (1, 0, 0, name)
+def _layer_order(model):
+  """Sort key of layer names in the forward order of the QAT twin's `layer_names`."""
+  if isinstance(model, InceptionV3):
+    index = {name: i for i, name in enumerate(qinception.layer_names(model))}
+    return lambda name: (index.get(name, len(index)), name)
+  return qresnet.forward_order
 
 
 def _conv_paths(tree, prefix=()):
@@ -233,11 +233,6 @@ def _get(tree, path):
   return tree
 
 
-def _copy(tree):
-  """A mutable copy of the nested dicts (leaves shared)."""
-  return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
-
-
 def _bn_epsilons(model, variables, in_channels):
   """{BN module path: epsilon}, read from the modules the model actually calls."""
   eps = {}
@@ -247,7 +242,9 @@ def _bn_epsilons(model, variables, in_channels):
       eps[tuple(context.module.path)] = float(context.module.epsilon)
     return next_fun(*args, **kwargs)
 
-  x = jax.ShapeDtypeStruct((1, 64, 64, in_channels), jnp.float32)
+  # shapes only (no compute): an image size every stem and stage accepts
+  side = 299 if isinstance(model, InceptionV3) and model.stem == "imagenet" else 64
+  x = jax.ShapeDtypeStruct((1, side, side, in_channels), jnp.float32)
   with nn.intercept_methods(record):
     jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   return eps
@@ -259,16 +256,19 @@ def _kernel_as_bases(kernel, num_classes):
   return jnp.transpose(kernel.reshape(n, num_classes, ck // num_classes), (1, 0, 2))
 
 
-def folded_weights(model: ResNet, variables: Mapping
+def folded_weights(model: ResNet | InceptionV3, variables: Mapping
                    ) -> tuple[dict[str, jax.Array], Callable[[Mapping[str, jax.Array]], dict]]:
-  """The BN-folded weights of a float ResNet, keyed by its QAT layer names, and their inverse.
+  """The BN-folded weights of a float ResNet or InceptionV3, keyed by its QAT layer names, and
+  their inverse.
 
-  Each conv followed by BatchNorm (``X/convN`` with ``X/bnN``, eval mode) gives
-  W_f = W * gamma / sqrt(var + eps) per output channel (eps: the model's BN epsilon); the
-  linear head gives its dense kernel, the Grassmann head its bases as the (n, C*k) kernel of
-  `qat.bases_as_kernel` (one output channel per basis column, as `QuantGrassmannHead` quantizes
-  them). Every folded weight has its output channels on the last axis. Keys are exactly
-  ``qresnet.layer_names(qresnet.quantized(model), image_shape)``, in forward order.
+  Each conv followed by BatchNorm (ResNet: ``X/convN`` with ``X/bnN``; InceptionV3: a unit's
+  ``X/conv`` with ``X/bn``; eval mode) gives W_f = W * gamma / sqrt(var + eps) per output
+  channel (eps: the model's BN epsilon); the linear head gives its dense kernel, the Grassmann
+  head its bases as the (n, C*k) kernel of `qat.bases_as_kernel` (one output channel per basis
+  column, as `QuantGrassmannHead` quantizes them). Every folded weight has its output channels
+  on the last axis. Keys are exactly the QAT twin's layer names, in forward order:
+  ``qresnet.layer_names(qresnet.quantized(model), image_shape)`` or
+  ``qinception.layer_names(model)`` (the keys of `grassq.quant.cost.layer_costs` too).
 
   `rebuild(folded)` returns full float variables with which ``model.apply(..., train=False)``
   computes the folded network with weights `folded` (other parameters fixed): kernels
@@ -278,26 +278,25 @@ def folded_weights(model: ResNet, variables: Mapping
   keep their weights. `rebuild` is pure jax (jit/grad/vmap-able).
 
   Args:
-    model: a float `grassq.models.ResNet` with a "linear" or "grassmann" head.
+    model: a float `grassq.models.ResNet` or `InceptionV3` with a "linear" or "grassmann" head.
     variables: its variables {"params", "batch_stats"}.
 
   Returns:
     (folded, rebuild).
 
   Raises:
-    TypeError: a QAT model or not a grassq ResNet.
+    TypeError: a QAT model, or not a grassq ResNet / InceptionV3.
     ValueError: a head without QAT twin, a conv without its BatchNorm, unknown layer names
       given to `rebuild`.
   """
-  from grassq.quant.qresnet import QResNet
-
-  if isinstance(model, QResNet) or not isinstance(model, ResNet):
-    raise TypeError("folded_weights needs a float grassq.models.ResNet, got "
+  if isinstance(model, qat.QuantBits) or not isinstance(model, (ResNet, InceptionV3)):
+    raise TypeError("folded_weights needs a float grassq.models.ResNet or InceptionV3, got "
                     f"{type(model).__name__}")
   if model.head not in ("linear", "grassmann"):
     raise ValueError(f"head {model.head!r} has no quantized twin; supported: linear, grassmann")
+  order = _layer_order(model)
   params, stats = variables["params"], variables.get("batch_stats", {})
-  convs = sorted(_conv_paths(params), key=lambda p: _forward_order("/".join(p)))
+  convs = sorted(_conv_paths(params), key=lambda p: order("/".join(p)))
   if not convs:
     raise ValueError("no conv layers found in variables['params']")
   in_channels = _get(params, convs[0])["kernel"].shape[-2]
@@ -317,7 +316,7 @@ def folded_weights(model: ResNet, variables: Mapping
                   if p[-1].key in ("kernel", "bases"))
   if n_weights != len(specs) + 1:
     raise ValueError(f"params hold {n_weights} kernels/bases but {len(specs) + 1} conv+BN or "
-                     "head layers were found: not a grassq ResNet's variables?")
+                     "head layers were found: not the variables of this model?")
   folded = _fold(params, stats, tuple(specs.values()), model.head == "grassmann")
   specs["head"] = None
 
@@ -325,7 +324,7 @@ def folded_weights(model: ResNet, variables: Mapping
     unknown = [k for k in new_folded if k not in specs]
     if unknown:
       raise ValueError(f"unknown layer name(s) {unknown}; known: {list(specs)}")
-    p, s = _copy(params), _copy(stats)
+    p, s = qat.mutable_copy(params), qat.mutable_copy(stats)
     for name, wf in new_folded.items():
       if name == "head":
         if model.head == "grassmann":
@@ -343,7 +342,7 @@ def folded_weights(model: ResNet, variables: Mapping
       _get(s, bn)["mean"] = jnp.where(dead, jnp.zeros_like(mean), mean)
     return {**variables, "params": p, "batch_stats": s}
 
-  return {name: folded[name] for name in sorted(folded, key=_forward_order)}, rebuild
+  return {name: folded[name] for name in sorted(folded, key=order)}, rebuild
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -386,7 +385,7 @@ def _cross_entropy_loss(model, rebuild, spec):
   return loss_fn
 
 
-def folded_loss(model: ResNet, variables: Mapping, spec=None) -> Callable:
+def folded_loss(model: ResNet | InceptionV3, variables: Mapping, spec=None) -> Callable:
   """Softmax cross-entropy of the eval-mode model as a function of its folded weights.
 
   Args:
@@ -453,13 +452,14 @@ def sensitivity(traces: Mapping[str, TraceEstimate | float], folded: Mapping[str
   return out
 
 
-def layer_sensitivities(model: ResNet, variables: Mapping, batches: Iterable[Any], key: jax.Array,
-                        bits: Sequence[int] = (4, 8), spec=None, **hutchinson_kwargs
+def layer_sensitivities(model: ResNet | InceptionV3, variables: Mapping, batches: Iterable[Any],
+                        key: jax.Array, bits: Sequence[int] = (4, 8), spec=None, **hutchinson_kwargs
                         ) -> tuple[dict[str, dict[int, float]], dict[str, TraceEstimate]]:
   """Folded weights -> Hutchinson traces of the eval-mode cross-entropy -> Omega per layer.
 
   Args:
-    model, variables: a float grassq ResNet and its variables (see `folded_weights`).
+    model, variables: a float grassq ResNet or InceptionV3 and its variables (see
+      `folded_weights`).
     batches: batches {"image", "label"[, "mask"]} (see `folded_loss`).
     key: PRNG key of the probes.
     bits: bit-widths to score.

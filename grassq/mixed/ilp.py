@@ -26,7 +26,6 @@ taken in different orders differ in the last bits; r = 1 must allow all-highest)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from typing import Mapping, Sequence
@@ -34,9 +33,8 @@ from typing import Mapping, Sequence
 import cvxpy as cp
 import numpy as np
 
-from grassq.models.resnet import ResNet
 from grassq.quant import cost as cost_lib
-from grassq.quant.qresnet import QResNet
+from grassq.quant import qat
 
 BUDGET_FRACTIONS = {"low": 0.25, "medium": 0.5, "high": 0.75}  # HAWQV3's three budgets
 
@@ -299,7 +297,7 @@ def cost_tables(model, image_shape: Sequence[int], bits: Sequence[int] = (4, 8),
   """Per-layer, per-bit cost tables of a grassq model for `allocate_bits`.
 
   Args:
-    model: a grassq `ResNet` or its `QResNet` twin (the same layers).
+    model: a grassq `ResNet` or `InceptionV3`, or its QAT twin (the same layers).
     image_shape: input shape without the batch, e.g. (28, 28, 1).
     bits: the bit-widths to tabulate.
     latency: measured {layer: {bits: seconds}} for every layer and bit-width (HAWQV3's T4
@@ -313,7 +311,7 @@ def cost_tables(model, image_shape: Sequence[int], bits: Sequence[int] = (4, 8),
     ValueError: if the latency table misses or adds a layer or a bit-width.
   """
   bits = [_bit(b, "cost_tables bits") for b in bits]
-  layers = cost_lib.layer_costs(_float_twin(model), image_shape)
+  layers = cost_lib.layer_costs(qat.float_twin(model), image_shape)
   size = {n: {b: c["params"] * b for b in bits} for n, c in layers.items()}
   bops = {n: {b: c["macs"] * b * b for b in bits} for n, c in layers.items()}
   if latency is None:
@@ -343,9 +341,9 @@ def tied_layers(model, image_shape: Sequence[int]) -> list[tuple[str, str]]:
   from grassq.models.inception import InceptionV3
   from grassq.quant import qinception
 
-  if isinstance(model, (InceptionV3, qinception.QInception)):  # branches sharing one quantizer
-    return qinception.tied_layers(qinception.float_twin(model))
-  names = cost_lib.layer_costs(_float_twin(model), image_shape)
+  if isinstance(model, InceptionV3):  # and QInception: branches sharing one quantizer
+    return qinception.tied_layers(model)
+  names = cost_lib.layer_costs(qat.float_twin(model), image_shape)
   pairs = []
   for name in names:
     block, _, leaf = name.rpartition("/")
@@ -354,16 +352,3 @@ def tied_layers(model, image_shape: Sequence[int]) -> list[tuple[str, str]]:
         raise ValueError(f"{name} has no {block}/conv1 to tie it to")
       pairs.append((f"{block}/conv1", name))
   return sorted(pairs)
-
-
-def _float_twin(model):
-  """The float ResNet with a QResNet's architecture fields (layer_costs sees nn.Conv/Dense)."""
-  from grassq.quant import qinception
-
-  if isinstance(model, qinception.QInception):
-    return qinception.float_twin(model)
-  if not isinstance(model, QResNet):
-    return model
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet)
-            if f.init and f.name not in ("parent", "name")}
-  return ResNet(**fields)

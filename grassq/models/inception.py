@@ -30,7 +30,7 @@ import flax.linen as nn
 from flax.core import FrozenDict
 import jax.numpy as jnp
 
-from grassq.heads import make_head
+from grassq.models.common import head_outputs
 
 Dtype = Any
 
@@ -235,7 +235,4 @@ class InceptionV3(nn.Module):
     x = _branch(x.astype(self.dtype), stem_steps, train, self.dtype)
     for name, branches in blocks:
       x = InceptionBlock(branches, self.dtype, name=name)(x, train)
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = make_head(self.head, self.num_classes, name="head", **self.head_kwargs)(features)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return head_outputs(self, jnp.mean(x.astype(jnp.float32), axis=(1, 2)), return_features)

@@ -25,7 +25,7 @@ import flax.linen as nn
 from flax.core import FrozenDict
 import jax.numpy as jnp
 
-from grassq.heads import make_head
+from grassq.models.common import head_outputs
 
 Dtype = Any
 
@@ -199,11 +199,7 @@ class ResNet(nn.Module):
             name=f"stage{i + 1}_block{j}",
         )(x, train=train)
 
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = make_head(self.head, self.num_classes, name="head",
-                       **self.head_kwargs)(features)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return head_outputs(self, jnp.mean(x.astype(jnp.float32), axis=(1, 2)), return_features)
 
   def block_fields(self) -> dict:
     """Fields passed to every block besides its position-dependent ones."""

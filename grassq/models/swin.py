@@ -26,11 +26,13 @@ from flax.core import FrozenDict
 import jax.numpy as jnp
 import numpy as np
 
-from grassq.heads import make_head
-from grassq.models.vit import DropPath, Mlp, _dense, drop_path_rates, self_attention
-from grassq.models.vit import trunc_normal
+from grassq.models.common import (dense, drop_path_rates, head_outputs, layer_norm,
+                                  mlp_residual, patch_embed, residual, self_attention,
+                                  trunc_normal)
 
 Dtype = Any
+
+LN_EPSILON = 1e-5  # Swin's LayerNorm (PyTorch's default)
 
 MASKED = -100.0  # additive attention bias between tokens of different regions
 
@@ -115,7 +117,7 @@ class SwinBlock(nn.Module):
   def __call__(self, x, train=False):
     _, h, w, _ = x.shape
     ws, s = self.window_size, self.shift
-    y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
+    y = layer_norm(self.dtype, "norm1", LN_EPSILON)(x)
     mask = None
     if s:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
@@ -125,10 +127,8 @@ class SwinBlock(nn.Module):
     y = window_merge(y, h, w)
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
-    x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
-    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
-        nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm2")(x))
-    return x + DropPath(self.drop_path, name="drop_path2")(y, train)
+    x = residual(self, x, y, 1, self.drop_path, train)
+    return mlp_residual(self, x, self.mlp_ratio, self.drop_path, train, self.dtype, LN_EPSILON)
 
 
 class PatchMerging(nn.Module):
@@ -143,8 +143,8 @@ class PatchMerging(nn.Module):
     # The order of Swin's code: (0,0), (1,0), (0,1), (1,1) offsets in (row, col).
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                         axis=-1)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
-    return _dense(2 * c, self.dtype, "reduction", use_bias=False)(x)
+    x = layer_norm(self.dtype, "norm", LN_EPSILON)(x)
+    return dense(2 * c, self.dtype, "reduction", use_bias=False)(x)
 
 
 class SwinTransformer(nn.Module):
@@ -191,13 +191,8 @@ class SwinTransformer(nn.Module):
     """
     if len(self.depths) != len(self.num_heads):
       raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
-    p = self.patch_size
-    if x.shape[1] % p or x.shape[2] % p:
-      raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not a multiple of "
-                       f"patch_size={p}")
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="patch_embed")(x.astype(self.dtype))
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="patch_norm")(x)
+    x = patch_embed(x, self.patch_size, self.embed_dim, self.dtype)
+    x = layer_norm(self.dtype, "patch_norm", LN_EPSILON)(x)
     rates = iter(drop_path_rates(self.drop_path_rate, sum(self.depths)))
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       h, w = x.shape[1:3]
@@ -211,8 +206,5 @@ class SwinTransformer(nn.Module):
                       self.dtype, name=f"stage{i + 1}_block{j}")(x, train)
       if i < len(self.depths) - 1:
         x = PatchMerging(self.dtype, name=f"stage{i + 1}_merge")(x)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = make_head(self.head, self.num_classes, name="head", **self.head_kwargs)(features)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    x = layer_norm(self.dtype, "norm", LN_EPSILON)(x)
+    return head_outputs(self, jnp.mean(x.astype(jnp.float32), axis=(1, 2)), return_features)

@@ -9,7 +9,8 @@ class token gets none), then `depth` encoder blocks
 
 with per-channel layer-scale vectors gamma initialized to `layer_scale_init`
 (1e-4), a final LayerNorm, and the class token as the feature vector. The
-building blocks (`self_attention`, `Mlp`, `DropPath`) are shared with Swin.
+building blocks (`self_attention`, `Mlp`, `DropPath`, ...) live in
+`grassq.models.common`, shared with Swin.
 
 Linear layers keep PyTorch's layout (one fused `qkv` projection whose output is
 (3, heads, head_dim)), so timm/DeiT weights map one to one. Parameters are
@@ -22,92 +23,18 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 from flax.core import FrozenDict
-import jax
 import jax.numpy as jnp
 
-from grassq.heads import make_head
+from grassq.models.common import (DropPath, Mlp, drop_path_rates, head_outputs, layer_norm,
+                                  layer_scale, mlp_residual, patch_embed, residual,
+                                  self_attention, trunc_normal)
+
+__all__ = ["Attention", "DropPath", "EncoderBlock", "Mlp", "VisionTransformer",
+           "drop_path_rates", "layer_norm", "layer_scale", "self_attention", "trunc_normal"]
 
 Dtype = Any
 
-# timm/DeiT initialize linear layers and embeddings with a truncated normal, std 0.02.
-trunc_normal = nn.initializers.truncated_normal(0.02)
-
-
-def _dense(features, dtype, name, use_bias=True):
-  return nn.Dense(features, use_bias=use_bias, kernel_init=trunc_normal,
-                  dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def self_attention(x, num_heads, dtype, bias=None):
-  """Multi-head self-attention over the token axis (-2) of x (..., N, C).
-
-  Call it inside a compact method: its dense layers `qkv` and `proj` become
-  submodules of the caller.
-
-  Args:
-    x: tokens (..., N, C); C must be divisible by num_heads.
-    num_heads: number of heads h.
-    dtype: compute dtype; the softmax is computed in float32.
-    bias: None or an additive bias broadcastable to (..., h, N, N) (relative
-      position bias, attention mask).
-
-  Returns:
-    (..., N, C) in `dtype`.
-  """
-  *lead, n, c = x.shape
-  if c % num_heads:
-    raise ValueError(f"width {c} is not divisible by num_heads={num_heads}")
-  head_dim = c // num_heads
-  qkv = _dense(3 * c, dtype, "qkv")(x).reshape(*lead, n, 3, num_heads, head_dim)
-  q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-  logits = jnp.einsum("...qhd,...khd->...hqk", q * head_dim**-0.5, k)
-  logits = logits.astype(jnp.float32)
-  if bias is not None:
-    logits = logits + bias
-  attn = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out = jnp.einsum("...hqk,...khd->...qhd", attn, v).reshape(*lead, n, c)
-  return _dense(c, dtype, "proj")(out)
-
-
-class Mlp(nn.Module):
-  """Two linear layers with a GELU between (exact erf GELU, as PyTorch's)."""
-  hidden_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.gelu(_dense(self.hidden_dim, self.dtype, "fc1")(x), approximate=False)
-    return _dense(x.shape[-1], self.dtype, "fc2")(y)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops a whole residual branch per example with probability `rate`.
-
-  Kept branches are scaled by 1 / (1 - rate). Active only when `train` and
-  rate > 0; then it draws from the 'dropout' RNG stream.
-  """
-  rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
-
-
-def layer_norm(dtype, name, epsilon=1e-6):
-  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def layer_scale(module, x, init, name):
-  """x * gamma with a per-channel parameter gamma = init (no-op when init is None)."""
-  if init is None:
-    return x
-  gamma = module.param(name, nn.initializers.constant(init), (x.shape[-1],), jnp.float32)
-  return x * gamma.astype(x.dtype)
+LN_EPSILON = 1e-6  # timm's ViT LayerNorm
 
 
 class Attention(nn.Module):
@@ -131,17 +58,9 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     y = Attention(self.num_heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x))
-    y = layer_scale(self, y, self.layer_scale_init, "gamma_1")
-    x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
-    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
-        layer_norm(self.dtype, "norm2")(x))
-    y = layer_scale(self, y, self.layer_scale_init, "gamma_2")
-    return x + DropPath(self.drop_path, name="drop_path2")(y, train)
-
-
-def drop_path_rates(rate, depth):
-  """Stochastic-depth rate of each block: linear from 0 to `rate` (Huang et al. 2016)."""
-  return [rate * i / max(depth - 1, 1) for i in range(depth)]
+    x = residual(self, x, y, 1, self.drop_path, train, self.layer_scale_init)
+    return mlp_residual(self, x, self.mlp_ratio, self.drop_path, train, self.dtype, LN_EPSILON,
+                        self.layer_scale_init)
 
 
 class VisionTransformer(nn.Module):
@@ -186,12 +105,7 @@ class VisionTransformer(nn.Module):
     Returns:
       logits, or (logits, features) when `return_features`.
     """
-    _, h, w, _ = x.shape
-    p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} is not a multiple of patch_size={p}")
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="patch_embed")(x.astype(self.dtype))
+    x = patch_embed(x, self.patch_size, self.embed_dim, self.dtype)
     b = x.shape[0]
     x = x.reshape(b, -1, self.embed_dim)
     pos_embed = self.param("pos_embed", trunc_normal, (1, *x.shape[1:]), jnp.float32)
@@ -203,7 +117,4 @@ class VisionTransformer(nn.Module):
       x = EncoderBlock(self.num_heads, self.mlp_ratio, self.layer_scale_init, rate,
                        self.dtype, name=f"block{i}")(x, train)
     x = layer_norm(self.dtype, "norm")(x)
-    features = x[:, 0].astype(jnp.float32)
-    logits = make_head(self.head, self.num_classes, name="head", **self.head_kwargs)(features)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return head_outputs(self, x[:, 0].astype(jnp.float32), return_features)

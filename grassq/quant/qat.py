@@ -15,6 +15,11 @@ these modules' variables runs integer-only. The pieces:
 * `QuantAdd`: the residual join. Each branch is rounded to the output scale separately, the two
   are added and the sum is clamped once (16-bit block outputs, unsigned when a ReLU follows:
   the clamp at 0 is the ReLU).
+* What the QAT networks (`QResNet`, `QInception`) share: `QuantBits`, the bit-width fields and
+  lookups they mix in after their float architecture, `quantized_fields` to fill them,
+  `architecture_fields` / `float_twin` between a QAT network and its float model,
+  `quant_head_outputs` (the quantized head), and `from_float` (a float model's variables onto
+  its QAT twin's).
 
 Variables: parameters in ``params``; BatchNorm running statistics and activation ranges (``lo``,
 ``hi``, ``initialized``) are both running statistics of the data and live in ``batch_stats``, so
@@ -25,11 +30,13 @@ quantizes it to int32 at scale S_w·S_in, an error far below one output LSB.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from grassq.quant import quantizers
 
@@ -237,3 +244,147 @@ class QuantGrassmannHead(nn.Module):
     pq = jnp.clip(quantizers.round_ste(p / s), -qmax, qmax) * s
     p = jnp.where(seen, pq, p).reshape(*x.shape[:-1], self.num_classes, self.subspace_dim)
     return self.scale * safe_norm(p, axis=-1) / safe_norm(x, axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- bit bookkeeping
+
+
+class QuantBits(nn.Module):
+  """Bit-width fields of a QAT network and their lookups, shared by `QResNet` and `QInception`.
+
+  A QAT network is ``class QNet(QuantBits, FloatNet)``: the float model's architecture fields
+  come first, these after them. As in HAWQV3 a layer's bits apply to its weights and to the
+  activations it reads, unless `act_bits` says otherwise.
+
+  Attributes:
+    bits: per-layer bit-widths {layer name: bits}; missing layers get `default_bits`, except
+      the layers of `pinned_8bit` (first conv and classifier), at 8 unless given.
+    default_bits: bit-width of layers not in `bits`.
+    act_bits, default_act_bits: activation bit-widths by layer, and for the rest (0: the
+      layer's weight bits). W4A8 is ``default_bits=4, default_act_bits=8``.
+    hawq_signed8: signed 8-bit activations as in HAWQV3 (default: unsigned after ReLU).
+    fix_bn: fold BatchNorm with running statistics in training too (late QAT).
+  """
+
+  pinned_8bit: ClassVar[tuple[str, ...]] = ()
+
+  bits: Mapping[str, int] = FrozenDict()
+  default_bits: int = 8
+  act_bits: Mapping[str, int] = FrozenDict()
+  default_act_bits: int = 0
+  hawq_signed8: bool = False
+  fix_bn: bool = False
+
+  def weight_bits_of(self, name: str) -> int:
+    """Weight bit-width of layer `name` (first conv and classifier: 8 unless given)."""
+    return int(self.bits.get(name, 8 if name in self.pinned_8bit else self.default_bits))
+
+  def act_bits_of(self, name: str) -> int:
+    """Bit-width of the activations layer `name` reads (default: its weight bit-width)."""
+    if name in self.act_bits:
+      return int(self.act_bits[name])
+    if self.default_act_bits and name not in self.pinned_8bit:
+      return int(self.default_act_bits)
+    return self.weight_bits_of(name)
+
+  def check_head(self):
+    """Raises NotImplementedError unless the head has a QAT twin (linear or grassmann)."""
+    if self.head not in ("linear", "grassmann"):
+      raise NotImplementedError(f"{type(self).__name__} supports the linear and grassmann "
+                                f"heads, not {self.head!r}")
+
+
+def quant_head_outputs(model: QuantBits, q, features, train: bool, return_features: bool):
+  """A QAT network's head ``head`` (`QuantDense`, or `QuantGrassmannHead` with the model's
+  ``head_kwargs``) at ``weight_bits_of("head")`` on the quantized features `q`: logits, or
+  (logits, features) when `return_features`. Call it inside the model's compact method."""
+  bits = model.weight_bits_of("head")
+  if model.head == "grassmann":
+    logits = QuantGrassmannHead(model.num_classes, weight_bits=bits, name="head",
+                                **dict(model.head_kwargs))(q, train)
+  else:
+    logits = QuantDense(model.num_classes, bits, name="head")(q)
+  return (logits, features) if return_features else logits
+
+
+def quantized_fields(bits: Mapping[str, int] | None = None, default_bits: int = 8,
+                     act_bits: Mapping[str, int] | None = None, default_act_bits: int = 0,
+                     **kwargs) -> dict[str, Any]:
+  """The `QuantBits` fields of a `quantized(model, ...)` call, as hashable module fields."""
+  return dict(bits=FrozenDict(bits or {}), default_bits=default_bits,
+              act_bits=FrozenDict(act_bits or {}), default_act_bits=default_act_bits, **kwargs)
+
+
+def architecture_fields(model: nn.Module, cls: type) -> dict[str, Any]:
+  """{field: value} of `model` for the constructor fields of module class `cls`
+  (``parent`` and ``name`` left out): a float model's fields, read from it or its QAT twin."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
+          if f.init and f.name not in ("parent", "name")}
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+  """The float model with a QAT network's architecture fields (its first base class that is
+  not a `QuantBits`), whose nn.Conv/nn.Dense layers `grassq.quant.cost.layer_costs` sees under
+  the QAT layer names; any other model is returned as is."""
+  if not isinstance(model, QuantBits):
+    return model
+  cls = next(c for c in type(model).__mro__
+             if issubclass(c, nn.Module) and not issubclass(c, QuantBits))
+  return cls(**architecture_fields(model, cls))
+
+
+def mutable_copy(tree):
+  """A copy of nested mappings (FrozenDicts too) as plain dicts; the leaves are shared."""
+  return {k: mutable_copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def from_float(float_variables: Mapping, qat_variables: Mapping) -> dict:
+  """`qat_variables` (a fresh init of a QAT network) with the weights of its float model's.
+
+  Each `QuantConvBN` takes the float conv at its path and the BatchNorm beside it, named as the
+  conv with "conv" replaced by "bn" (ResNet: ``stage1_block0/conv1`` and ``stage1_block0/bn1``;
+  InceptionV3: ``Mixed_5b/branch1x1/conv`` and ``Mixed_5b/branch1x1/bn``): kernel, BN scale and
+  offset, running mean and variance. The head takes the linear head's dense layer (or the
+  Grassmann head's bases). Activation ranges stay uncalibrated: training batches set them.
+
+  Raises:
+    ValueError: when the architectures differ (a missing layer, other kernel counts or shapes).
+  """
+  fp, fs = float_variables["params"], float_variables.get("batch_stats", {})
+  params = mutable_copy(qat_variables["params"])
+  stats = mutable_copy(qat_variables["batch_stats"])
+
+  def fill(qp, qs, p, s, where):
+    for name, sub in qp.items():
+      try:
+        if name == "head" and not where:
+          if "bases" in sub:
+            sub.update(bases=p["head"]["bases"])
+          else:
+            sub.update(kernel=p["head"]["dense"]["kernel"], bias=p["head"]["dense"]["bias"])
+        elif "bn_scale" in sub:  # a QuantConvBN
+          bn = name.replace("conv", "bn")
+          sub.update(kernel=p[name]["kernel"], bn_scale=p[bn]["scale"], bn_bias=p[bn]["bias"])
+          qs[name].update(mean=s[bn]["mean"], var=s[bn]["var"])
+        else:  # a block (or an InceptionV3 unit)
+          fill(sub, qs[name], p[name], s[name], where + name + "/")
+      except KeyError as e:
+        raise ValueError(f"float variables have no {e.args[0]!r} for the QAT layer "
+                         f"{where}{name}: different architectures?") from None
+
+  fill(params, stats, fp, fs, "")
+  check_filled(fp, params, qat_variables["params"])
+  return {**qat_variables, "params": params, "batch_stats": stats}
+
+
+def check_filled(float_params: Mapping, params: Mapping, fresh_params: Mapping):
+  """Raises ValueError unless QAT `params`, filled from `float_params`, took as many conv/dense
+  kernels (and bases) as the float model has and kept the shapes of the fresh QAT init's."""
+  count = lambda t: sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(t)[0]
+                        if path[-1].key in ("kernel", "bases"))
+  if count(float_params) != count(params):
+    raise ValueError(f"float variables have {count(float_params)} conv/dense kernels, the QAT "
+                     f"model {count(params)}: different architectures")
+  shapes = lambda t: jax.tree_util.tree_map(jnp.shape, mutable_copy(t))
+  if shapes(fresh_params) != shapes(params):
+    raise ValueError("float variables have different shapes than the QAT model's")

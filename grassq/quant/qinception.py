@@ -27,13 +27,11 @@ first conv and the classifier are pinned at 8 bits (`PINNED_8BIT`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.core import FrozenDict
 
 from grassq.models import inception
 from grassq.models.inception import Conv, InceptionV3, Pool, Split
@@ -168,43 +166,19 @@ class _QBlock(nn.Module):
     return jnp.concatenate([_qbranch(c, a, br, prefix, (s, seen)) for br in self.branches], -1)
 
 
-class QInception(InceptionV3):
-  """Quantization-aware InceptionV3 (see the module docstring); fields as `InceptionV3`, plus:
-
-  Attributes:
-    bits: per-layer bit-widths {layer name: bits}; missing layers get `default_bits`, except
-      the first conv and the head, pinned at 8 unless given.
-    default_bits: bit-width of layers not in `bits`.
-    act_bits, default_act_bits: activation bit-widths by layer, and for the rest (0: the
-      layer's weight bits). A shared quantizer takes the bits of the first layer reading it.
-    hawq_signed8: must be False (unsigned post-ReLU activations only).
-    fix_bn: fold BatchNorm with running statistics in training too (late QAT).
+class QInception(qat.QuantBits, InceptionV3):
+  """Quantization-aware InceptionV3 (see the module docstring): `InceptionV3`'s architecture
+  fields, then the bit-width fields of `qat.QuantBits` and its lookups `weight_bits_of` /
+  `act_bits_of`. A shared quantizer takes the bits of the first layer reading it; the first
+  conv and the head are pinned at 8 bits unless given (`PINNED_8BIT`); ``hawq_signed8`` must
+  be False (unsigned post-ReLU activations only).
   """
 
-  bits: Mapping[str, int] = FrozenDict()
-  default_bits: int = 8
-  act_bits: Mapping[str, int] = FrozenDict()
-  default_act_bits: int = 0
-  hawq_signed8: bool = False
-  fix_bn: bool = False
-
-  def weight_bits_of(self, name: str) -> int:
-    """Weight bit-width of layer `name` (first conv and classifier: 8 unless given)."""
-    return int(self.bits.get(name, 8 if name in PINNED_8BIT else self.default_bits))
-
-  def act_bits_of(self, name: str) -> int:
-    """Bit-width of the activations layer `name` reads (default: its weight bit-width)."""
-    if name in self.act_bits:
-      return int(self.act_bits[name])
-    if self.default_act_bits and name not in PINNED_8BIT:
-      return int(self.default_act_bits)
-    return self.weight_bits_of(name)
+  pinned_8bit = PINNED_8BIT
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    if self.head not in ("linear", "grassmann"):
-      raise NotImplementedError(
-          f"QInception supports the linear and grassmann heads, not {self.head!r}")
+    self.check_head()
     if self.hawq_signed8:
       raise NotImplementedError("QInception quantizes post-ReLU activations unsigned only")
     c = _Ctx(self, train)
@@ -216,17 +190,7 @@ class QInception(InceptionV3):
     x, s, seen = c.act(x, FINAL_ACT_BITS, "final_act")
     features = int_global_avg_pool(x, s, seen)
     q, _, _ = c.act(features, self.act_bits_of("head"), "head_act")
-    if self.head == "grassmann":
-      logits = qat.QuantGrassmannHead(self.num_classes, weight_bits=self.weight_bits_of("head"),
-                                      name="head", **dict(self.head_kwargs))(q, train)
-    else:
-      logits = qat.QuantDense(self.num_classes, self.weight_bits_of("head"), name="head")(q)
-    return (logits, features) if return_features else logits
-
-
-def _float_fields(model):
-  return {f.name: getattr(model, f.name) for f in dataclasses.fields(InceptionV3)
-          if f.init and f.name not in ("parent", "name")}
+    return qat.quant_head_outputs(self, q, features, train, return_features)
 
 
 def quantized(model: InceptionV3, bits: Mapping[str, int] | None = None, default_bits: int = 8,
@@ -235,17 +199,12 @@ def quantized(model: InceptionV3, bits: Mapping[str, int] | None = None, default
   """The QAT twin of a float `InceptionV3` (same architecture fields)."""
   if not isinstance(model, InceptionV3):
     raise TypeError(f"quantized needs a grassq InceptionV3, got {type(model).__name__}")
-  return QInception(**_float_fields(model), bits=FrozenDict(bits or {}),
-                    default_bits=default_bits, act_bits=FrozenDict(act_bits or {}),
-                    default_act_bits=default_act_bits, **kwargs)
+  return QInception(**qat.architecture_fields(model, InceptionV3),
+                    **qat.quantized_fields(bits, default_bits, act_bits, default_act_bits,
+                                           **kwargs))
 
 
-def float_twin(model: QInception) -> InceptionV3:
-  """The float InceptionV3 with a QInception's architecture fields (`cost.layer_costs` sees
-  its nn.Conv/nn.Dense layers under the same names)."""
-  if not isinstance(model, QInception):
-    return model
-  return InceptionV3(**_float_fields(model))
+float_twin = qat.float_twin  # QInception -> InceptionV3 (any other model as it is)
 
 
 def layer_names(model: InceptionV3, image_shape: Sequence[int] | None = None) -> list[str]:
@@ -288,46 +247,5 @@ def tied_layers(model: InceptionV3, image_shape: Sequence[int] | None = None
   return sorted((g[0], other) for g in tie_groups(model) for other in g[1:])
 
 
-def from_float(float_variables: Mapping, qat_variables: Mapping) -> dict:
-  """`qat_variables` (a fresh `QInception.init`) with the weights of a float InceptionV3's.
-
-  Each unit's conv and BatchNorm (``X/conv``, ``X/bn``) become the `QuantConvBN` ``X/conv``;
-  the linear head's dense layer (or the Grassmann head's bases) become the head. Activation
-  ranges stay uncalibrated. Raises ValueError when the architectures differ.
-  """
-  fp, fs = float_variables["params"], float_variables.get("batch_stats", {})
-  params = _unfreeze(qat_variables["params"])
-  stats = _unfreeze(qat_variables["batch_stats"])
-
-  def fill(qp, qs, p, s, where):
-    for name, sub in qp.items():
-      try:
-        if name == "head" and not where:
-          if "bases" in sub:
-            sub.update(bases=p["head"]["bases"])
-          else:
-            sub.update(kernel=p["head"]["dense"]["kernel"], bias=p["head"]["dense"]["bias"])
-        elif "conv" in sub and "bn_scale" in sub["conv"]:  # a unit
-          sub["conv"].update(kernel=p[name]["conv"]["kernel"], bn_scale=p[name]["bn"]["scale"],
-                             bn_bias=p[name]["bn"]["bias"])
-          qs[name]["conv"].update(mean=s[name]["bn"]["mean"], var=s[name]["bn"]["var"])
-        else:  # a block
-          fill(sub, qs[name], p[name], s[name], where + name + "/")
-      except KeyError as e:
-        raise ValueError(f"float variables have no {where}{name}/{e.args[0]} for the QAT layer "
-                         f"{where}{name}: different architectures?") from None
-
-  fill(params, stats, fp, fs, "")
-  count = lambda t: sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(t)[0]
-                        if path[-1].key in ("kernel", "bases"))
-  if count(fp) != count(params):
-    raise ValueError(f"float variables have {count(fp)} conv/dense kernels, the QAT model "
-                     f"{count(params)}: different architectures")
-  want = jax.tree_util.tree_map(jnp.shape, _unfreeze(qat_variables["params"]))
-  if want != jax.tree_util.tree_map(jnp.shape, params):
-    raise ValueError("float variables have different shapes than the QAT model's")
-  return {**qat_variables, "params": params, "batch_stats": stats}
-
-
-def _unfreeze(tree):
-  return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+# A float model's variables onto a fresh init of its QAT twin (shared with the other QAT nets).
+from_float = qat.from_float

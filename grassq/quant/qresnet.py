@@ -14,13 +14,12 @@
 
 Post-ReLU activations are unsigned at every bit-width; ``hawq_signed8=True`` keeps HAWQV3's
 signed 8-bit activations instead. `layer_names(model, image_shape)` lists the keys of the
-per-layer bit dict; `from_float(float_variables)` turns a float ResNet's variables into this
-model's initial QAT variables.
+per-layer bit dict; `from_float(float_variables, qat_variables)` turns a float ResNet's
+variables into this model's initial QAT variables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any, Mapping, Sequence
@@ -28,7 +27,6 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.core import FrozenDict
 
 from grassq.models.resnet import ResNet
 from grassq.quant import qat
@@ -115,44 +113,19 @@ def _qshortcut(c, x, a, out_features, strides, kind):
   return c.convbn(a, out_features, 1, strides, "proj_conv")
 
 
-class QResNet(ResNet):
-  """Quantization-aware ResNet (see the module docstring); the architecture fields are ResNet's. Linear head only for now.
-
-  Attributes (as `grassq.models.ResNet`, plus):
-    bits: per-layer bit-widths {layer name: bits}; missing layers get `default_bits`, except
-      the first conv and the head, pinned at 8 unless given. As in HAWQV3 a layer's bits apply
-      to its weights and to the activations it reads, unless `act_bits` says otherwise.
-    default_bits: bit-width of layers not in `bits`.
-    act_bits, default_act_bits: activation bit-widths by layer, and for the rest (0: the
-      layer's weight bits). W4A8 is ``default_bits=4, default_act_bits=8``.
-    hawq_signed8: signed 8-bit activations as in HAWQV3 (default: unsigned after ReLU).
-    fix_bn: fold BatchNorm with running statistics in training too (late QAT).
+class QResNet(qat.QuantBits, ResNet):
+  """Quantization-aware ResNet (see the module docstring): `grassq.models.ResNet`'s
+  architecture fields, then the bit-width fields of `qat.QuantBits` (``bits``,
+  ``default_bits``, ``act_bits``, ``default_act_bits``, ``hawq_signed8``, ``fix_bn``) and its
+  lookups `weight_bits_of` / `act_bits_of`; the first conv and the head are pinned at 8 bits
+  unless given (`PINNED_8BIT`).
   """
 
-  bits: Mapping[str, int] = FrozenDict()
-  default_bits: int = 8
-  act_bits: Mapping[str, int] = FrozenDict()
-  default_act_bits: int = 0
-  hawq_signed8: bool = False
-  fix_bn: bool = False
-
-  def weight_bits_of(self, name: str) -> int:
-    """Weight bit-width of layer `name` (first conv and classifier: 8 unless given)."""
-    return int(self.bits.get(name, 8 if name in PINNED_8BIT else self.default_bits))
-
-  def act_bits_of(self, name: str) -> int:
-    """Bit-width of the activations layer `name` reads (default: its weight bit-width)."""
-    if name in self.act_bits:
-      return int(self.act_bits[name])
-    if self.default_act_bits and name not in PINNED_8BIT:
-      return int(self.default_act_bits)
-    return self.weight_bits_of(name)
+  pinned_8bit = PINNED_8BIT
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    if self.head not in ("linear", "grassmann"):
-      raise NotImplementedError(
-          f"QResNet supports the linear and grassmann heads, not {self.head!r}")
+    self.check_head()
     c = _Ctx(self, train)
     x = qat.QuantAct(8, True, name="input_act")(x.astype(jnp.float32), train)
     if self.stem in ("cifar", "imagenet"):
@@ -185,12 +158,7 @@ class QResNet(ResNet):
 
     features = jnp.mean(x, axis=(1, 2))
     q = c.act(features, c.a("head"), "head_act")
-    if self.head == "grassmann":
-      logits = qat.QuantGrassmannHead(self.num_classes, weight_bits=c.b("head"), name="head",
-                                      **dict(self.head_kwargs))(q, train)
-    else:
-      logits = qat.QuantDense(self.num_classes, c.b("head"), name="head")(q)
-    return (logits, features) if return_features else logits
+    return qat.quant_head_outputs(self, q, features, train, return_features)
 
 
 def quantized(model, bits: Mapping[str, int] | None = None, default_bits: int = 8,
@@ -206,10 +174,8 @@ def quantized(model, bits: Mapping[str, int] | None = None, default_bits: int = 
     raise TypeError(f"qresnet.quantized supports grassq.models.ResNet, not "
                     f"{type(model).__name__}: quantization-aware training is implemented for "
                     "the ResNets and InceptionV3 (grassq.quant.qinception)")
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet)
-            if f.init and f.name not in ("parent", "name")}
-  return QResNet(**fields, bits=FrozenDict(bits or {}), default_bits=default_bits,
-                 act_bits=FrozenDict(act_bits or {}), default_act_bits=default_act_bits, **kwargs)
+  return QResNet(**qat.architecture_fields(model, ResNet),
+                 **qat.quantized_fields(bits, default_bits, act_bits, default_act_bits, **kwargs))
 
 
 def layer_names(model: QResNet, image_shape: Sequence[int]) -> list[str]:
@@ -220,61 +186,18 @@ def layer_names(model: QResNet, image_shape: Sequence[int]) -> list[str]:
     keys = [p.key for p in path]
     if keys[-1] in ("kernel", "bases"):
       names.append("/".join(keys[:-1]))
-
-  def forward_order(name):
-    if name.startswith("stem"):
-      return (0, name)
-    if name == "head":
-      return (2, name)
-    stage, block = re.match(r"stage(\d+)_block(\d+)/", name).groups()
-    return (1, int(stage), int(block), name)
-
   return sorted(names, key=forward_order)
 
 
-def from_float(float_variables: Mapping, qat_variables: Mapping) -> dict:
-  """`qat_variables` (a fresh `QResNet.init`) with the weights of a float ResNet's variables.
-
-  Each conv and its BatchNorm become one `QuantConvBN` (kernel, BN scale/offset, running mean and
-  variance); the linear head's dense layer becomes the `QuantDense` head. Activation ranges stay
-  uncalibrated: training batches set them. Raises ValueError when the architectures differ.
-  """
-  fp, fs = float_variables["params"], float_variables.get("batch_stats", {})
-  params = jax.tree_util.tree_map(lambda x: x, _unfreeze(qat_variables["params"]))
-  stats = jax.tree_util.tree_map(lambda x: x, _unfreeze(qat_variables["batch_stats"]))
-
-  def fill(qp, qs, p, s, where):
-    for name, sub in qp.items():
-      try:
-        if name == "head" and "bases" in sub:
-          sub.update(bases=p["head"]["bases"])
-        elif name == "head":
-          sub.update(kernel=p["head"]["dense"]["kernel"], bias=p["head"]["dense"]["bias"])
-        elif "kernel" in sub:  # a QuantConvBN
-          bn = name.replace("conv", "bn")
-          sub.update(kernel=p[name]["kernel"], bn_scale=p[bn]["scale"], bn_bias=p[bn]["bias"])
-          qs[name].update(mean=s[bn]["mean"], var=s[bn]["var"])
-        else:  # a block
-          fill(sub, qs[name], p[name], s[name], where + name + "/")
-      except KeyError as e:
-        raise ValueError(f"float variables have no {where}{e.args[0]} for the QAT layer "
-                         f"{where}{name}: different architectures?") from None
-
-  fill(params, stats, fp, fs, "")
-  weights = ("kernel", "bases")
-  n_float = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(fp)[0]
-                if path[-1].key in weights)
-  n_qat = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-              if path[-1].key in weights)
-  if n_float != n_qat:
-    raise ValueError(f"float variables have {n_float} conv/dense kernels, the QAT model "
-                     f"{n_qat}: different architectures")
-  want = jax.tree_util.tree_map(jnp.shape, _unfreeze(qat_variables["params"]))
-  got = jax.tree_util.tree_map(jnp.shape, params)
-  if want != got:
-    raise ValueError("float variables have different shapes than the QAT model's")
-  return {**qat_variables, "params": params, "batch_stats": stats}
+def forward_order(name: str) -> tuple:
+  """Sort key of ResNet layer names in forward order: stem, blocks by stage and index, head."""
+  if name.startswith("stem"):
+    return (0, name)
+  if name == "head":
+    return (2, name)
+  m = re.match(r"stage(\d+)_block(\d+)/", name)
+  return (1, int(m.group(1)), int(m.group(2)), name) if m else (1, 0, 0, name)
 
 
-def _unfreeze(tree):
-  return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+# A float model's variables onto a fresh init of its QAT twin (shared with the other QAT nets).
+from_float = qat.from_float
