@@ -4,6 +4,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,10 +12,12 @@ tvm = pytest.importorskip("tvm")
 
 from grassq import deploy  # noqa: E402
 from grassq.models import create_model  # noqa: E402
-from grassq.quant import intops, qresnet, requantize_reference  # noqa: E402
+from grassq.quant import intops, qinception, qresnet, requantize_reference  # noqa: E402
 from grassq.quant import program as P  # noqa: E402
 
 IMAGE = (16, 16, 1)
+RESNET_D_IMAGE = (12, 12, 1)  # deep stem + max pool: 3x3 into stage 2, an odd size to pool
+INCEPTION_IMAGE = (13, 13, 1)  # the smallest the small stem takes: 7x7 -> Mixed_6a 3x3 -> 1x1
 BATCH = 6
 
 
@@ -25,15 +28,40 @@ def fresh_rng():
 
 
 def calibrated_program(model_name, *, num_classes=10, bits=None, default_bits=8,
-                       default_act_bits=0, hawq_signed8=False, **model_kwargs):
+                       default_act_bits=0, hawq_signed8=False, image=IMAGE, **model_kwargs):
   """The integer program of a small QResNet whose activation ranges saw one training batch."""
   model = create_model(model_name, num_classes, zero_init_residual=False, **model_kwargs)
   q = qresnet.quantized(model, bits=bits, default_bits=default_bits,
                         default_act_bits=default_act_bits, fix_bn=True, hawq_signed8=hawq_signed8)
-  x = jax.random.normal(jax.random.key(3), (8, *IMAGE))
+  x = jax.random.normal(jax.random.key(3), (8, *image))
   qv = jax.jit(q.init)(jax.random.key(0), x[:1])
   _, upd = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))(qv, x)
-  return P.to_program(q, {**qv, "batch_stats": upd["batch_stats"]}, IMAGE)
+  return P.to_program(q, {**qv, "batch_stats": upd["batch_stats"]}, image)
+
+
+def calibrated_inception_program(image=INCEPTION_IMAGE):
+  """The W8A8 integer program of a tiny `inception_v3_small` (one block of each type A-E at
+  1/8 width): random float variables drawn on the host (no initializer to compile), QAT
+  ranges calibrated on one batch."""
+  model = create_model("inception_v3_small", 10, pool_features=(32,), c7=(128,), e_blocks=1)
+  rng, key = np.random.default_rng(0), jax.random.key(0, impl="rbg")
+  x = rng.normal(size=(16, *image)).astype(np.float32)
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(s.dtype)
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+    return rng.normal(0, 0.1, s.shape).astype(s.dtype)
+
+  v = jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, key, x[:1]))
+  q = qinception.quantized(model)
+  template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                    jax.eval_shape(q.init, key, x[:1]))
+  qv = qinception.from_float(v, template)
+  _, upd = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))(qv, x)
+  return P.to_program(q, {**qv, **upd}, image)
 
 
 def images(program, rng):
@@ -70,7 +98,7 @@ def w8a8_imagenet():
   """W8A8 (one int4 conv) ImageNet-style ResNet-D: deep stem, max pool, bottlenecks, avg-pool
   shortcut, signed 8-bit activations, linear head; built for this CPU and for any x86-64."""
   prog = calibrated_program("resnet50d", stage_sizes=(1, 1), num_filters=4, hawq_signed8=True,
-                            bits={"stage2_block0/conv2": 4})
+                            bits={"stage2_block0/conv2": 4}, image=RESNET_D_IMAGE)
   return prog, {"host": deploy.build(prog, deploy.host_target(), BATCH),
                 "generic": deploy.build(prog, deploy.GENERIC_TARGET, BATCH)}
 
@@ -99,10 +127,40 @@ def test_w8a8_imagenet_style_program_is_bit_exact(w8a8_imagenet, target):
   kinds = [op.kind for op in prog.ops]
   assert "max_pool" in kinds and "avg_pool" in kinds and kinds[-2:] == ["dense", "requantize"]
   assert prog.layer("stage1_block0/conv1").attrs["in_signed"]  # x ⊕ 0x80 on the VNNI path
+  # ResNet-D's shortcut pool over 3x3: padding SAME, the edge windows averaging 2 and 1 values
+  pool = prog.layer("stage2_block0/proj_pool").attrs
+  assert pool["padding"] == ((0, 1), (0, 1)) and not pool["count_include_pad"]
   rng, seed = fresh_rng()
   assert_bit_exact(prog, modules[target], rng, seed)
   if target == "generic":
     assert vnni_instructions(modules[target]) == 0
+
+
+@pytest.fixture(scope="module")
+def w8a8_inception():
+  prog = calibrated_inception_program()
+  return prog, {"host": deploy.build(prog, deploy.host_target(), BATCH),
+                "generic": deploy.build(prog, deploy.GENERIC_TARGET, BATCH)}
+
+
+@pytest.mark.parametrize("target", ["host", "generic"])
+def test_w8a8_inception_program_is_bit_exact(w8a8_inception, target):
+  """InceptionV3 (issue 7): branch concatenations with a requantization per branch, max pools
+  on int32 accumulators, 3x3/1 average pools counting their padding, 1x7/7x1 and 1x3/3x1
+  convolutions, a 1x1 map in the last block; NCHW16c + VNNI on the host, NHWC generic."""
+  prog, modules = w8a8_inception
+  kinds = [op.kind for op in prog.ops]
+  assert kinds.count("concat") == 5  # one per block, named after the quantizer that follows
+  assert {"max_pool", "avg_pool", "conv", "dense"} <= set(kinds)
+  producers = {op.output: op for op in prog.ops}
+  # Mixed_5b's four branches and Mixed_7b's six leaves (its splits), each requantized on its own
+  for name, n in (("Mixed_6a/act_in", 4), ("final_act", 6)):
+    cat = prog.layer(name)
+    assert cat.kind == "concat" and len(cat.inputs) == n
+    assert all(producers[t].kind == "requantize" for t in cat.inputs)
+  assert any(op.kind == "avg_pool" and op.attrs["count_include_pad"] for op in prog.ops)
+  rng, seed = fresh_rng()
+  assert_bit_exact(prog, modules[target], rng, seed)
 
 
 def _op(kind, name, inputs, output, attrs, arrays=None):
@@ -269,3 +327,71 @@ def test_missing_tvm_says_how_to_install(monkeypatch):
     deploy.require_tvm()
   with pytest.raises(ImportError, match=r"pip install grassq\[tvm\]"):
     deploy.build(None, deploy.GENERIC_TARGET)
+
+
+def _shape_of(layer):
+  return (layer.name, layer.kind, layer.in_shape, layer.kernel, layer.strides, layer.padding)
+
+
+def test_latency_table_plugs_into_cost_tables():
+  """Issue 6 item 4: every layer of `layer_costs` at every bit-width, measured on this CPU."""
+  from grassq import mixed
+  from grassq.quant import cost
+
+  model = create_model("resnet20", 10, stage_sizes=(1, 1, 1), num_filters=64)
+  shape = (24, 24, 1)
+  table = deploy.latency_table(model, shape, deploy.host_target(), bits=(4, 8), repeats=3,
+                               min_repeat_ms=5)
+  macs = {n: c["macs"] for n, c in cost.layer_costs(model, shape).items()}
+  assert list(table) == list(macs) and all(set(t) == {4, 8} for t in table.values())
+  assert all(np.isfinite(s) and 0 < s < 1 for t in table.values() for s in t.values())
+  costs = mixed.cost_tables(model, shape, latency=table)  # validates names and bits
+  assert costs["latency"] == table
+  # 3x3 64->64 at 24x24 (21M MACs) against 1x1 128->256 at 6x6 (1.2M): compute, not overhead
+  # (not the stem: its one input channel is padded to a 16-channel block, 16x its MACs)
+  big, small = "stage1_block0/conv1", "stage3_block0/proj_conv"
+  assert macs[big] == max(macs.values()) and macs[big] > 15 * macs[small]
+  for b in (4, 8):
+    assert table[big][b] > 1.5 * table[small][b] > 1.5 * table["head"][b], table
+  with pytest.raises(ValueError, match="bits"):
+    deploy.latency_table(model, shape, bits=(16,))
+
+
+def test_program_layers_have_the_model_layers_shapes(w8a8_imagenet, w8a8_inception):
+  """The layers a latency table times for a program are the model's, shape for shape (the
+  ResNet-D shortcut pool's SAME padding included)."""
+  prog, _ = w8a8_imagenet
+  model = create_model("resnet50d", 10, stage_sizes=(1, 1), num_filters=4)
+  from_prog = sorted(map(_shape_of, deploy.program_layers(prog)))
+  assert from_prog == sorted(map(_shape_of, deploy.model_layers(model, RESNET_D_IMAGE)))
+  proj = next(layer for layer in deploy.program_layers(prog)
+              if layer.name == "stage2_block0/proj_conv")
+  assert proj.in_shape[:2] == (2, 2)  # 3x3 pooled 2x2/2 with SAME padding
+  inception_prog, _ = w8a8_inception
+  model = create_model("inception_v3_small", 10, pool_features=(32,), c7=(128,), e_blocks=1)
+  assert (sorted(map(_shape_of, deploy.program_layers(inception_prog))) ==
+          sorted(map(_shape_of, deploy.model_layers(model, INCEPTION_IMAGE))))
+
+
+def test_deploy_and_check_reports_bit_exactness_accuracy_and_latency(w4a8_gcr, tmp_path):
+  """experiments.deploy's core: 13 images (the batch-8 evaluation pads the last batch)."""
+  from experiments.deploy import deploy_and_check
+
+  prog, _ = w4a8_gcr
+  rng, seed = fresh_rng()
+  images = rng.normal(size=(13, *IMAGE)).astype(np.float32)
+  labels = rng.integers(0, 5, 13)
+  r = deploy_and_check(prog, images, labels, str(tmp_path / "modules"), "w4a8",
+                       target=deploy.GENERIC_TARGET, batch_sizes=(8, 1), repeats=3)
+  assert r["bit_exact"] and r["mismatches"] == 0 and r["reload_exact"], f"seed {seed}: {r}"
+  assert r["eval_images"] == 13 and r["accuracy_tvm"] == r["accuracy_int"]
+  want = np.asarray(P.run(prog, P.quantize_input(prog, images))).argmax(-1)
+  assert r["accuracy_int"] == np.mean(want == labels)
+  assert sorted(os.listdir(tmp_path / "modules")) == ["w4a8.so", "w4a8_b8.so"]
+  assert r["module_path"] == str(tmp_path / "modules" / "w4a8.so")
+  assert deploy.load(r["module_path"]).input_shape == (1, *IMAGE)
+  for path in ("tvm", "interpreter"):
+    assert set(r["latency_ms"][path]) == {1, 8}
+    assert all(0 < ms < 1e4 for ms in r["latency_ms"][path].values())
+  with pytest.raises(ValueError, match="images"):
+    deploy_and_check(prog, images[:3], labels, str(tmp_path), "x", batch_sizes=(1,))

@@ -201,3 +201,30 @@ def test_conversion_refuses_accumulator_overflow_and_bad_shifts(w8a8):
       "range": {**act, "lo": jnp.float32(0), "hi": jnp.float32(1e-30)}}
   with pytest.raises(ValueError, match="stage2_block0/act1.*shift"):
     P.to_program(q, tiny, (28, 28, 1))
+
+
+def test_resnet_d_avgpool_shortcut_matches_the_model_on_odd_sizes():
+  """ResNet-D's shortcut pools 2x2/2 with padding SAME and count_include_pad=False (the model's
+  nn.avg_pool). At 28x28 the deep stem and max pool leave 7x7 for stage 2: the program pads
+  the last row/column and averages only what is inside, as the model does."""
+  q, qv = calibrated(model_name="resnet50d", stage_sizes=(1, 1, 1), num_filters=4, n=2)
+  prog = P.to_program(q, qv, (28, 28, 1))
+  pool = prog.layer("stage2_block0/proj_pool")
+  assert pool.attrs["padding"] == ((0, 1), (0, 1)) and not pool.attrs["count_include_pad"]
+  assert prog.layer("stage3_block0/proj_pool").attrs["padding"] == ((0, 0), (0, 0))  # 4x4
+  x = np.asarray(jax.random.normal(jax.random.key(7), (64, 28, 28, 1)))
+  fake = np.asarray(jax.jit(q.apply)(qv, x))
+  deq = np.asarray(P.run(prog, P.quantize_input(prog, x))) * prog.output_scale
+  assert np.linalg.norm(deq - fake) / np.linalg.norm(fake) < 0.05
+  assert np.mean(deq.argmax(-1) == fake.argmax(-1)) >= 0.9
+  # Teacher-forced, each op's own difference: the pooled shortcut differs from the model's only
+  # by the floor of the integer average (a few 8-bit LSBs at the 16-bit join). Counting the
+  # padding instead (or dropping the edge window) halves edge values: tens of thousands.
+  rep = P.layer_report(prog, q, qv, x, batch_size=64, local=True)
+  for name in ("stage2_block0/add", "stage3_block0/add"):
+    assert rep["local_layers"][name]["max_lsb"] <= 8 * 2**8, rep["local_layers"][name]
+  bad_ops = [dataclasses.replace(op, attrs={**op.attrs, "count_include_pad": True})
+             if op.name == "stage2_block0/proj_pool" else op for op in prog.ops]
+  bad = P.layer_report(dataclasses.replace(prog, ops=tuple(bad_ops)), q, qv, x, batch_size=64,
+                       local=True)
+  assert bad["local_layers"]["stage2_block0/add"]["max_lsb"] > 16 * 2**8

@@ -17,31 +17,35 @@ import time
 
 import numpy as np
 
+from grassq._timing import median_ms
 
-def random_resnet20(image_shape=(32, 32, 3), bits=None, default_bits=8, **model_kwargs):
-  """The integer program of a ResNet-20 with random weights and one-batch calibration."""
+
+def random_program(model_name="resnet20", num_classes=10, image_shape=(32, 32, 3), bits=None,
+                   default_bits=8, act_bits=None, calibration_batch=16, seed=0, **model_kwargs):
+  """The integer program of a `create_model(model_name)` ResNet with random weights, calibrated
+  on one batch of standard normal images (a speed benchmark's stand-in for a trained one).
+
+  `bits` / `act_bits` ({layer: bits}) and `default_bits` are `qresnet.quantized`'s.
+  """
   import jax
 
   from grassq.models import create_model
   from grassq.quant import program as P
   from grassq.quant import qresnet
 
-  model = create_model("resnet20", model_kwargs.pop("num_classes", 10), **model_kwargs)
-  q = qresnet.quantized(model, bits=bits, default_bits=default_bits, fix_bn=True)
-  x = jax.random.normal(jax.random.key(3), (16, *image_shape))
-  qv = jax.jit(q.init)(jax.random.key(0), x[:1])
+  model = create_model(model_name, num_classes, **model_kwargs)
+  q = qresnet.quantized(model, bits=bits, default_bits=default_bits, act_bits=act_bits,
+                        fix_bn=True)
+  x = jax.random.normal(jax.random.key(seed + 3), (calibration_batch, *image_shape))
+  qv = jax.jit(q.init)(jax.random.key(seed), x[:1])
   _, upd = jax.jit(lambda v, x: q.apply(v, x, train=True, mutable=["batch_stats"]))(qv, x)
   return P.to_program(q, {**qv, "batch_stats": upd["batch_stats"]}, image_shape)
 
 
-def _median_seconds(fn, repeat):
-  fn()
-  times = []
-  for _ in range(repeat):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+def random_resnet20(image_shape=(32, 32, 3), bits=None, default_bits=8, **model_kwargs):
+  """The integer program of a ResNet-20 with random weights and one-batch calibration."""
+  return random_program("resnet20", model_kwargs.pop("num_classes", 10), image_shape, bits,
+                        default_bits, **model_kwargs)
 
 
 def compare(program, batches=(1, 8), repeat=20, tune_dir=None, trials=0, seed=0):
@@ -58,8 +62,7 @@ def compare(program, batches=(1, 8), repeat=20, tune_dir=None, trials=0, seed=0)
   for b in batches:
     x = rng.integers(-128, 128, (b, *program.input_shape)).astype(np.int8)
     want = np.asarray(fn(arrays, x))
-    row = {"jax_interpreter": {"ms": 1e3 * _median_seconds(
-        lambda: fn(arrays, x).block_until_ready(), repeat)}}
+    row = {"jax_interpreter": {"ms": median_ms(fn, arrays, x, repeats=repeat)[0]}}
     variants = {"tvm_default_nhwc": None, "tvm_build": {}}
     if tune_dir:
       variants["tvm_metaschedule"] = dict(tune_dir=tune_dir, trials=trials)

@@ -164,25 +164,38 @@ def build(program, target: Mapping[str, Any] | None = None,
   Raises:
     ImportError: without TVM. RuntimeError: a CUDA target on a machine without a CUDA device.
   """
+  target = _target(target)
+  device = _device(target.kind.name)  # before compiling: fail fast
+  layout = default_layout(target) if layout is None else layout
+  mod = to_relax(program, input_shape, layout)
+  executable = compile_relax(mod, target, schedule=schedule, tune_dir=tune_dir, trials=trials,
+                             trials_per_task=trials_per_task)
+  return Deployed(executable, device, str(target))
+
+
+def default_layout(target) -> str:
+  """The activation layout `build` uses for `target`: NCHW16c with AVX-512 VNNI, else NHWC."""
+  return "NCHW16c" if target_has_vnni(target) else "NHWC"
+
+
+def compile_relax(mod, target, *, schedule: bool = True, tune_dir: str | None = None,
+                  trials: int = 0, trials_per_task: int | None = None):
+  """`tvm.compile` of a lowered Relax module the way `build` does it (same arguments); also
+  used for the one-layer modules of `grassq.deploy.latency_table`."""
   tvm, _ = require_tvm()
   from grassq.deploy import vnni
 
   target = _target(target)
-  device = _device(target.kind.name)  # before compiling: fail fast
-  cpu = target.kind.name == "llvm"
-  has_vnni = target_has_vnni(target)
-  if layout is None:
-    layout = "NCHW16c" if has_vnni else "NHWC"
-  mod = to_relax(program, input_shape, layout)
   if tune_dir is not None:
+    if target.kind.name == "llvm" and "num-cores" not in target.attrs:
+      # MetaSchedule refuses a CPU target that does not state its core count
+      target = tvm.target.Target(dict(target.export(), **{"num-cores": os.cpu_count() or 1}))
     mod = vnni.tuning_pipeline(target, tune_dir, trials, trials_per_task)(mod)
-    executable = tvm.compile(mod, target)
-  elif cpu and schedule:
-    executable = tvm.compile(mod, target,
-                             relax_pipeline=vnni.scheduled_pipeline(target, tensorize=has_vnni))
-  else:
-    executable = tvm.compile(mod, target)
-  return Deployed(executable, device, str(target))
+    return tvm.compile(mod, target)
+  if target.kind.name == "llvm" and schedule:
+    pipeline = vnni.scheduled_pipeline(target, tensorize=target_has_vnni(target))
+    return tvm.compile(mod, target, relax_pipeline=pipeline)
+  return tvm.compile(mod, target)
 
 
 def save(module: Deployed, path: str) -> None:

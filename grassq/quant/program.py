@@ -25,7 +25,9 @@ Op kinds and their semantics (all tensors NHWC, values held in int32 between ops
   ``max_pool`` also runs on int32 accumulators (per-channel positive scales: max commutes with
   the requantization that follows). ``avg_pool`` takes optional ``padding`` (zeros; default
   none) and ``count_include_pad`` (default False: divide by the unpadded count; Inception's 3x3/1
-  pools set True and divide by 9).
+  pools set True and divide by 9). ResNet-D's 2x2/2 shortcut pool is the model's
+  ``padding="SAME"``, ``count_include_pad=False`` written out: on an odd size the last window
+  hangs over the edge by one and averages the values inside it.
 
 The program's output is int32 logits at one per-tensor ``output_scale``, so their argmax is the
 prediction and ``logits · output_scale`` approximates the float logits.
@@ -93,12 +95,14 @@ class IntegerProgram:
 class _Builder:
   """Walks a calibrated QResNet's variables and emits ops, tracking each tensor's scale."""
 
-  def __init__(self, model, variables):
+  def __init__(self, model, variables, image_shape=None):
     self.model = model
     self.params = variables["params"]
     self.stats = variables["batch_stats"]
     self.ops: list[Op] = []
     self.meta: dict[str, tuple] = {}  # tensor -> (scale, bits, signed)
+    self.hw: dict[str, tuple | None] = {}  # tensor -> spatial (H, W), None for vectors
+    self.image_hw = tuple(image_shape[:2]) if image_shape is not None else None
     self.count = 0
 
   def _tensor(self, hint):
@@ -108,8 +112,10 @@ class _Builder:
   def emit(self, kind, name, inputs, attrs, arrays, meta):
     out = self._tensor(name)
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    self.ops.append(Op(kind, name, tuple(inputs), out, dict(attrs), arrays))
+    op = Op(kind, name, tuple(inputs), out, dict(attrs), arrays)
+    self.ops.append(op)
     self.meta[out] = meta
+    self.hw[out] = _out_hw(op, self.hw[inputs[0]] if inputs else self.image_hw)
     return out
 
   # -- variables
@@ -201,6 +207,30 @@ def _pad(k):
   return ((p, p), (p, p))
 
 
+def _same_padding(hw, window, strides):
+  """Explicit ((top, bottom), (left, right)) of padding="SAME" as `lax.padtype_to_pads` has it:
+  output ⌈n/s⌉, the extra row/column at the end."""
+  pads = []
+  for n, k, s in zip(hw, window, strides):
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    pads.append((total // 2, total - total // 2))
+  return tuple(pads)
+
+
+def _out_hw(op, hw):
+  """Spatial size (H, W) of `op`'s output from its input's (None for vectors)."""
+  if hw is None or op.kind in ("global_avg_pool", "dense", "grassmann_head"):
+    return None
+  if op.kind in ("conv", "max_pool", "avg_pool"):
+    a = op.attrs
+    window = op.arrays["weight"].shape[:2] if op.kind == "conv" else tuple(a["window"])
+    strides = tuple(a.get("strides") or window)
+    pads = a.get("padding", ((0, 0), (0, 0)))
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(hw, window, strides, pads))
+  return hw
+
+
 def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
   """Builds the integer program of a calibrated `QResNet` or `QInception` (module docstring).
 
@@ -215,7 +245,7 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
   if not isinstance(model, qresnet.QResNet):
     raise TypeError("to_program needs a grassq.quant.qresnet.QResNet or "
                     f"grassq.quant.qinception.QInception, got {type(model)}")
-  b = _Builder(model, variables)
+  b = _Builder(model, variables, image_shape)
   s8 = model.hawq_signed8
   in_scale = b.act_scale("input_act", 8, True)
   x = b.emit("quantize_input", "input_act", [], dict(bits=8, signed=True, scale=in_scale), {},
@@ -266,7 +296,7 @@ def _inception_program(model, variables, image_shape):
   from grassq.models import inception
   from grassq.quant import qinception
 
-  b = _Builder(model, variables)
+  b = _Builder(model, variables, image_shape)
   stem, blocks = inception.network(model)
   in_scale = b.act_scale("input_act", 8, True)
   x = b.emit("quantize_input", "input_act", [], dict(bits=8, signed=True, scale=in_scale), {},
@@ -391,8 +421,14 @@ def _block(b, model, x, path, filters, strides):
   else:
     src, st = a, strides
     if model.shortcut == "avgpool" and strides != 1:
+      # ResNet-D: the model's nn.avg_pool(padding="SAME", count_include_pad=False), i.e.
+      # PyTorch's AvgPool2d(ceil_mode=True, count_include_pad=False): on odd sizes the last
+      # window hangs over the edge and averages only the values inside.
+      window = (strides, strides)
       src = b.emit("avg_pool", f"{path}/proj_pool", [a],
-                   dict(window=(strides, strides), strides=(strides, strides)), {}, b.meta[a])
+                   dict(window=window, strides=window,
+                        padding=_same_padding(b.hw[a], window, window), count_include_pad=False),
+                   {}, b.meta[a])
       st = 1
     r = b.conv(src, f"{path}/proj_conv", (st, st), _pad(1))
   bits = qat.RESIDUAL_BITS
