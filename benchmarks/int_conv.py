@@ -11,14 +11,13 @@ ratio to float32, and checks every integer result against the int8 im2col one.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from grassq._timing import median_ms
 from grassq.quant import intops
 
 DIMS = ("NHWC", "HWIO", "NHWC")
@@ -27,17 +26,6 @@ DIMS = ("NHWC", "HWIO", "NHWC")
 def xla_conv(x, w, preferred=None):
   return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMS,
                                   preferred_element_type=preferred)
-
-
-def median_ms(fn, *args, repeats):
-  f = jax.jit(fn)
-  out = jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times), out
 
 
 def main():
@@ -68,7 +56,7 @@ def main():
     results = {}
     for name, (fn, x, w) in candidates.items():
       try:
-        results[name] = median_ms(fn, x, w, repeats=args.repeats)
+        results[name] = median_ms(jax.jit(fn), x, w, repeats=args.repeats)
       except Exception as e:  # an XLA backend without integer convolution
         print(f"  {name}: unsupported ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
     ref_s8 = np.asarray(results["conv2d_int int8 x int8 (im2col)"][1])

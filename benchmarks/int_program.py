@@ -11,21 +11,11 @@ from `python -m experiments.train --config experiments/configs/fmnist_resnet20.p
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import numpy as np
 
-
-def median_ms(fn, *args, repeats):
-  out = jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times), out
+from grassq._timing import median_ms
 
 
 def main():

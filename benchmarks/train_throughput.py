@@ -17,8 +17,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from experiments.configs import fmnist_resnet20
