@@ -8,14 +8,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grassq-installed
-CONFIG ?= experiments/configs/default.py
+CONFIG ?= experiments/configs/main.py
 WORKDIR ?= runs/main
+RESULTS ?= results
 PYTEST_ARGS ?=
 
 .PHONY: run test setup data clean-runs
 
 run: setup data
-	$(BIN)/python -m experiments.train --config $(CONFIG) --workdir $(WORKDIR)
+	$(BIN)/python -m experiments.main --config $(CONFIG) --workdir $(WORKDIR) --results $(RESULTS)
 
 test: setup data
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

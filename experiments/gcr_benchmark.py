@@ -26,6 +26,8 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.stages import write_atomic
+
 config_flags.DEFINE_config_file("config", "experiments/configs/gcr_fmnist.py", "Base config.")
 flags.DEFINE_string("out", "results/gcr", "Output directory.")
 flags.DEFINE_list("runs", [], "Variants to run (default: all).")
@@ -63,15 +65,6 @@ def run_config(base, variant: Variant, seed: int):
   config.label_smoothing = variant.label_smoothing
   config.seed = seed
   return config
-
-
-def _write_atomic(path: str, text: str | bytes) -> None:
-  d = os.path.dirname(path) or "."
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-  with os.fdopen(fd, "wb") as f:
-    f.write(text.encode() if isinstance(text, str) else text)
-  os.replace(tmp, path)
 
 
 def _probe(model, variables, dataset: str, dtype) -> float | None:
@@ -118,7 +111,7 @@ def run_one(base, variant: Variant, seed: int, out: str) -> dict:
   if variant.head == "grassmann":
     angles = analysis.pairwise_principal_angles(variables["params"]["head"]["bases"])
     summary["principal_angles_deg"] = [float(a) for a in (angles * 180 / 3.141592653589793).ravel()]
-  _write_atomic(summary_path, json.dumps(summary, indent=1))
+  write_atomic(summary_path, json.dumps(summary, indent=1))
   return summary
 
 
@@ -163,7 +156,7 @@ def report(out: str) -> str:
   table = "\n".join(lines) + (
       f"\n\nResNet-20 on Fashion-MNIST, {', '.join(f'{e:g}' for e in sorted(epochs))} epochs; "
       "mean ± sample std over seeds where there are several.\n")
-  _write_atomic(os.path.join(out, "table.md"), table)
+  write_atomic(os.path.join(out, "table.md"), table)
 
   def savefig(fig, name):
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".png")

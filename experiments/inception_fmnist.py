@@ -24,7 +24,8 @@ from absl import app, logging
 from ml_collections import config_flags
 
 # --fp_workdir, --out, --epochs and --learning_rate are experiments.quantize's flags.
-from experiments.quantize import FLAGS, _write_atomic, run_qat
+from experiments.quantize import FLAGS
+from experiments.stages import run_qat, write_atomic
 
 config_flags.DEFINE_config_file("config", "experiments/configs/fmnist_inception_small.py",
                                 "Float training config.")
@@ -62,7 +63,7 @@ def main(argv):
   results = dict(fp_workdir=FLAGS.fp_workdir, model=FLAGS.config.model,
                  fp32_steps=fp["step"], fp32_accuracy=fp.get("test_accuracy"), w8a8=row,
                  inception_v3_299=full, hawq_v3_published=HAWQV3)
-  _write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
   r = row
   table = "\n".join([
       f"Small InceptionV3-shaped network ({FLAGS.config.model}) on Fashion-MNIST: "
@@ -88,7 +89,7 @@ def main(argv):
       f"| HAWQV3 | | {HAWQV3['size_fp32_mib']} | {HAWQV3['gbops_fp32']} | "
       f"{HAWQV3['size_int8_mib']} | {HAWQV3['gbops_int8']} |",
   ]) + "\n"
-  _write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  write_atomic(os.path.join(FLAGS.out, "table.md"), table)
   print(table)
 
 

@@ -26,8 +26,10 @@ import os
 
 from absl import app, flags, logging
 
+from experiments import stages
 # --fp_workdir, --out, --epochs and --learning_rate are experiments.quantize's flags.
-from experiments.quantize import FLAGS, _write_atomic, run_qat
+from experiments.quantize import FLAGS
+from experiments.stages import allocations, run_qat, write_atomic
 
 FLAGS.set_default("out", "results/mixed")
 flags.DEFINE_list("budgets", ["bops:low", "bops:medium", "bops:high", "size:medium"],
@@ -41,90 +43,6 @@ flags.DEFINE_integer("hessian_batches", 4, "Training batches the Hessian traces 
 flags.DEFINE_integer("hessian_batch_size", 128, "Images per Hessian batch.")
 flags.DEFINE_float("tol", 0.05, "Hutchinson stop: relative standard error of every layer.")
 flags.DEFINE_integer("max_probes", 96, "Hutchinson probes at most.")
-
-BITS = (4, 8)
-
-
-def parse_budget(text):
-  """'bops:medium' -> ('bops', 0.5); 'size:0.3' -> ('size', 0.3)."""
-  from grassq.mixed import BUDGET_FRACTIONS
-
-  family, sep, frac = text.partition(":")
-  if not sep or family not in ("size", "bops", "latency"):
-    raise app.UsageError(f"budget {text!r} is not family:fraction with family size/bops/latency")
-  r = BUDGET_FRACTIONS.get(frac)
-  if r is None:
-    try:
-      r = float(frac)
-    except ValueError:
-      raise app.UsageError(f"budget {text!r}: fraction must be a number or one of "
-                           f"{list(BUDGET_FRACTIONS)}") from None
-  return family, r
-
-
-def traces_and_sensitivity(path):
-  """Hessian traces and Omega of the float run (cached in `path`)."""
-  import jax
-  import numpy as np
-
-  from grassq import data, mixed, train
-
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached.get("fp_workdir") == FLAGS.fp_workdir:
-      print(f"reusing {path}")
-      return cached
-  model, variables, config = train.load_checkpoint(FLAGS.fp_workdir)
-  spec = data.get_spec(config.dataset)
-  images, labels = data.load_arrays(config.dataset, spec.train_split, config.data_dir)
-  idx = data.train_batches(len(labels), FLAGS.hessian_batch_size, seed=1234)
-  batches = []
-  for _ in range(FLAGS.hessian_batches):
-    i = np.sort(next(idx))
-    batches.append({"image": data.normalize(images[i], spec), "label": labels[i]})
-  omega, traces = mixed.layer_sensitivities(
-      model, variables, batches, jax.random.key(0), bits=BITS, tol=FLAGS.tol,
-      min_probes=min(16, FLAGS.max_probes), max_probes=FLAGS.max_probes)
-  clipped = mixed.sensitivity(traces, mixed.folded_weights(model, variables)[0], BITS,
-                              clip_negative=True)
-  result = dict(
-      fp_workdir=FLAGS.fp_workdir,
-      traces={k: dict(trace_per_param=t.trace_per_param, stderr_per_param=t.stderr_per_param,
-                      num_probes=t.num_probes, num_params=t.num_params)
-              for k, t in traces.items()},
-      sensitivity={k: {str(b): v for b, v in o.items()} for k, o in clipped.items()},
-      negative_traces=[k for k, t in traces.items() if t.trace_per_param < 0])
-  del omega
-  _write_atomic(path, json.dumps(result, indent=1))
-  return result
-
-
-def allocations(sens, model, image_shape, budget_list, random_seed=None):
-  """{budget text: (family, r, bit dict)} from the ILP.
-
-  With `random_seed`, each free layer's sensitivity is replaced by a random one (Omega_4 ~ U(0, 1),
-  Omega_8 = 0): a random allocation that fills the same budget, the naive baseline.
-  """
-  import numpy as np
-
-  from grassq import mixed
-  from grassq.quant import qresnet
-
-  costs = mixed.cost_tables(model, image_shape, bits=BITS)
-  pinned = {k: 8 for k in costs["size"] if k in qresnet.PINNED_8BIT}
-  omega = {k: {int(b): v for b, v in o.items()} for k, o in sens.items() if k not in pinned}
-  if random_seed is not None:
-    rng = np.random.default_rng(random_seed)
-    omega = {k: {4: float(rng.uniform()), 8: 0.0} for k in omega}
-  ties = mixed.tied_layers(model, image_shape)
-  out = {}
-  for text in budget_list:
-    family, r = parse_budget(text)
-    limit = mixed.budget_from_fraction(costs[family], r, pinned=pinned, bits=BITS)
-    bits = mixed.allocate_bits(omega, costs, {family: limit}, ties=ties, pinned=pinned)
-    out[text] = (family, r, bits)
-  return out
 
 
 def plot(rows, uniform, out, order):
@@ -155,20 +73,8 @@ def plot(rows, uniform, out, order):
   fig.savefig(os.path.join(out, "pareto.png"), dpi=120)
   plt.close(fig)
 
-  layers = [k for k in order if k in rows[0]["bits"]]
-  fig, ax = plt.subplots(figsize=(10, 1 + 0.35 * len(rows)))
-  grid = [[r["bits"][k] for k in layers] for r in rows]
-  ax.imshow(grid, cmap="viridis", vmin=4, vmax=8, aspect="auto")
-  ax.set_yticks(range(len(rows)), [r["scheme"] for r in rows], fontsize=8)
-  ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
-  for i, row in enumerate(grid):
-    for j, b in enumerate(row):
-      ax.text(j, i, str(b), ha="center", va="center", fontsize=6,
-              color="black" if b == 8 else "white")
-  ax.set_title("bits per layer (weights and the activations each layer reads)")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "bits.png"), dpi=120)
-  plt.close(fig)
+  stages.plot_bits([r["scheme"] for r in rows], [r["bits"] for r in rows], order,
+                   os.path.join(out, "bits.png"))
 
 
 def main(argv):
@@ -178,14 +84,20 @@ def main(argv):
   from grassq import data, train
 
   os.makedirs(FLAGS.out, exist_ok=True)
-  for text in FLAGS.budgets:
-    parse_budget(text)  # refuse bad flags before the long stages
+  for text in FLAGS.budgets + FLAGS.random_budgets:
+    try:  # refuse bad flags before the long stages
+      stages.parse_budget(text)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   model, _, config = train.load_checkpoint(FLAGS.fp_workdir)
   spec = data.get_spec(config.dataset)
   fp = train.evaluate_checkpoint(FLAGS.fp_workdir)
 
   print("[1/3] Hessian traces", flush=True)
-  sens = traces_and_sensitivity(os.path.join(FLAGS.out, "sensitivity.json"))
+  sens = stages.hessian_sensitivity(
+      os.path.join(FLAGS.out, "sensitivity.json"), FLAGS.fp_workdir,
+      batches=FLAGS.hessian_batches, batch_size=FLAGS.hessian_batch_size, tol=FLAGS.tol,
+      max_probes=FLAGS.max_probes)
   print("[2/3] ILP", flush=True)
   if sens["negative_traces"]:
     print(f"warning: negative Hessian trace estimates (counted as 0): {sens['negative_traces']}")
@@ -217,7 +129,7 @@ def main(argv):
 
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], rows=rows,
                  uniform=uniform, negative_traces=sens["negative_traces"])
-  _write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
   lines = ["| configuration | layers at 4 bit | fake-quant acc. (%) | integer-only acc. (%) | "
            "integer = fake-quant top-1 (%) | size (MiB) | GBOPs |", "|---|---|---|---|---|---|---|"]
   for r in sorted(uniform, key=lambda r: -r["gbops"])[:1] + rows + \
@@ -232,7 +144,7 @@ def main(argv):
                  f"{r['size_mib']:.4f} | {r['gbops']:.3f} |")
   table = (f"FP32: {100 * fp['accuracy']:.2f}% ({FLAGS.fp_workdir}); QAT {FLAGS.epochs:g} epoch(s) "
            f"per row; first conv and classifier at 8 bits.\n\n" + "\n".join(lines) + "\n")
-  _write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  write_atomic(os.path.join(FLAGS.out, "table.md"), table)
   from grassq.quant import qresnet
 
   plot(rows, uniform, FLAGS.out, qresnet.layer_names(qresnet.quantized(model), spec.image_shape))

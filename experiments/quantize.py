@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from absl import app, flags, logging
+
+from experiments.stages import run_qat, write_atomic
 
 flags.DEFINE_string("fp_workdir", "runs/fmnist_resnet20", "Float run to quantize.")
 flags.DEFINE_string("out", "results/quant", "Output directory.")
@@ -27,75 +28,6 @@ flags.DEFINE_float("learning_rate", 0.005, "QAT learning rate (cosine to 0).")
 FLAGS = flags.FLAGS
 
 SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}  # (weight bits, activation bits)
-
-
-def _write_atomic(path, text):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def size_and_bops(qat_model, fp_model, image_shape):
-  """Size (MiB) and GBOPs at the QAT model's per-layer bits, and at FP32 (grassq.quant.cost)."""
-  from grassq.quant import cost
-
-  c = cost.layer_costs(fp_model, image_shape)
-  n = cost.total_params(fp_model, image_shape)
-  w = {k: qat_model.weight_bits_of(k) for k in c}
-  a = {k: qat_model.act_bits_of(k) for k in c}
-  return dict(size_mib=cost.model_size_mib(c, w, n),
-              size_fp32_mib=cost.model_size_mib(c, 32, n, other_bits=32),
-              gbops=cost.bops(c, w, a) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
-
-
-def run_qat(name, out, fp_workdir, quant, epochs, learning_rate):
-  """QAT fine-tune of `fp_workdir` with `quant` (overrides of config.quant), then integer-only.
-
-  Writes ``out/runs/name`` (resumable), ``out/programs/name`` and ``out/layers_name.json``;
-  returns the result row (accuracies, integer vs fake-quant agreement and LSBs, size, BOPs).
-  """
-  import numpy as np
-
-  from grassq import data, train
-  from grassq.quant import program as P
-
-  workdir = os.path.join(out, "runs", name)
-  _, _, fp_config = train.load_checkpoint(fp_workdir)
-  config = fp_config.copy_and_resolve_references()
-  config.quant.enabled = True
-  config.quant.update(quant)
-  config.init_from = fp_workdir
-  config.num_epochs = epochs
-  config.num_train_steps = -1
-  config.learning_rate = learning_rate
-  config.warmup_epochs = 0.0
-  config.schedule = "cosine"
-  config.eval_every_epochs = max(epochs, 1e-3)
-  result = train.train_and_evaluate(config, workdir)
-  model, variables, _ = train.load_checkpoint(workdir)
-  spec = data.get_spec(config.dataset)
-  program = P.to_program(model, variables, spec.image_shape)
-  P.save(program, os.path.join(out, "programs", name), overwrite=True)
-
-  images, labels = data.load_arrays(config.dataset, spec.eval_split, config.data_dir)
-  rep = P.layer_report(program, model, variables, np.asarray(data.normalize(images, spec)))
-  int_pred, fake_pred = rep["integer_pred"], rep["fake_pred"]
-  acts = {k: v for k, v in rep["layers"].items() if v["bits"] <= 8}
-  worst = max(acts, key=lambda k: (acts[k]["max_lsb"], acts[k]["mean_lsb"]))
-  layers = {k: v for k, v in rep.items() if k not in ("integer_pred", "fake_pred")}
-  _write_atomic(os.path.join(out, f"layers_{name}.json"), json.dumps(layers, indent=1))
-  row = dict(scheme=name, epochs=epochs,
-             fake_quant_accuracy=float(np.mean(fake_pred == labels)),
-             integer_accuracy=float(np.mean(int_pred == labels)),
-             integer_vs_fake_agreement=float(np.mean(int_pred == fake_pred)),
-             max_act_lsb=acts[worst]["max_lsb"], max_act_lsb_layer=worst,
-             mean_act_lsb=float(np.mean([v["mean_lsb"] for v in acts.values()])),
-             qat_eval_accuracy=result.get("test_accuracy"),
-             **size_and_bops(model, train.build_model(fp_config, spec.num_classes),
-                             spec.image_shape))
-  print(json.dumps(row), flush=True)
-  return row
 
 
 def run_scheme(name, bits, out):
@@ -133,7 +65,7 @@ def main(argv):
     done[s] = run_scheme(s, SCHEMES[s], FLAGS.out)
   rows = [done[s] for s in SCHEMES if s in done]
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], schemes=rows)
-  _write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
   lines = ["| scheme | QAT epochs | FP32 acc. (%) | fake-quant acc. (%) | integer-only acc. (%) | "
            "integer = fake-quant top-1 (%) | largest activation Δ, LSB (layer) | size (MiB) | GBOPs |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -143,7 +75,7 @@ def main(argv):
                  f"{100 * r['integer_vs_fake_agreement']:.2f} | {_lsb(r)} | {r['size_mib']:.4f} "
                  f"(FP32 {r['size_fp32_mib']:.4f}) | {r['gbops']:.3f} (FP32 {r['gbops_fp32']:.2f}) |")
   table = "\n".join(lines) + "\n"
-  _write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  write_atomic(os.path.join(FLAGS.out, "table.md"), table)
   print(table)
 
 

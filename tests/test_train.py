@@ -200,6 +200,8 @@ def test_every_config_builds_its_model_and_optimizer(name):
   from grassq import data
 
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  if "train" in config:  # the main job's config holds a training config
+    config = config.train
   spec = data.get_spec(config.dataset)
   model = train.build_model(config, spec.num_classes)
   tx = train.make_optimizer(config, optax.constant_schedule(config.learning_rate))

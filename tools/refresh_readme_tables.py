@@ -8,7 +8,8 @@ readme = os.path.join(ROOT, "README.md")
 text = open(readme).read()
 for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results/quant/table.md"),
                  ("quant-gcr-table", "results/quant_gcr/table.md"),
-                 ("mixed-table", "results/mixed/table.md")):
+                 ("mixed-table", "results/mixed/table.md"), ("main-table", "results/main/table.md"),
+                 ("deploy-table", "results/deploy/table.md")):
   table = open(os.path.join(ROOT, src)).read().strip()
   pattern = re.compile(rf"(<!-- {tag} [^>]*-->\n).*?(\n<!-- /{tag} -->)", re.S)
   text, n = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)

@@ -1,4 +1,7 @@
-"""The main job for now: one epoch of ResNet-20 (linear head) on offline Fashion-MNIST."""
+"""experiments.train's default: one epoch of ResNet-20 (linear head) on offline Fashion-MNIST.
+
+The main job (`make run`) is experiments/main.py with experiments/configs/main.py.
+"""
 
 from grassq.train import default_config
 

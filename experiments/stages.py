@@ -1,0 +1,211 @@
+"""The stages the experiments share, free of command-line flags.
+
+`experiments.quantize`, `experiments.mixed_precision` and the main job (`experiments.main`) are
+thin drivers over these: QAT fine-tuning of a float run followed by integer-only evaluation
+(`run_qat`), Hessian-trace sensitivities (`hessian_sensitivity`) and ILP bit allocations
+(`allocations`). Every file they write is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+BITS = (4, 8)  # the bit-widths the mixed-precision ILP chooses from
+
+
+def write_atomic(path: str, text: str | bytes) -> None:
+  """Writes `text` (str or bytes) to `path` through a temporary file in the same directory."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def size_and_bops(qat_model, fp_model, image_shape):
+  """Size (MiB) and GBOPs at the QAT model's per-layer bits, and at FP32 (grassq.quant.cost)."""
+  from grassq.quant import cost
+
+  c = cost.layer_costs(fp_model, image_shape)
+  n = cost.total_params(fp_model, image_shape)
+  w = {k: qat_model.weight_bits_of(k) for k in c}
+  a = {k: qat_model.act_bits_of(k) for k in c}
+  return dict(size_mib=cost.model_size_mib(c, w, n),
+              size_fp32_mib=cost.model_size_mib(c, 32, n, other_bits=32),
+              gbops=cost.bops(c, w, a) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
+
+
+def run_qat(name, out, fp_workdir, quant, epochs, learning_rate, eval_limit=None):
+  """QAT fine-tune of `fp_workdir` with `quant` (overrides of config.quant), then integer-only.
+
+  Writes ``out/runs/name`` (resumable), ``out/programs/name`` and ``out/layers_name.json``;
+  returns the result row (accuracies, integer vs fake-quant agreement and LSBs, size, BOPs).
+  The integer evaluation covers the whole test set, or its first `eval_limit` images.
+  """
+  import numpy as np
+
+  from grassq import data, train
+  from grassq.quant import program as P
+
+  workdir = os.path.join(out, "runs", name)
+  _, _, fp_config = train.load_checkpoint(fp_workdir)
+  config = fp_config.copy_and_resolve_references()
+  config.quant.enabled = True
+  config.quant.update(quant)
+  config.init_from = fp_workdir
+  config.num_epochs = epochs
+  config.num_train_steps = -1
+  config.learning_rate = learning_rate
+  config.warmup_epochs = 0.0
+  config.schedule = "cosine"
+  config.eval_every_epochs = max(epochs, 1e-3)
+  result = train.train_and_evaluate(config, workdir)
+  model, variables, _ = train.load_checkpoint(workdir)
+  spec = data.get_spec(config.dataset)
+  program = P.to_program(model, variables, spec.image_shape)
+  P.save(program, os.path.join(out, "programs", name), overwrite=True)
+
+  images, labels = data.load_arrays(config.dataset, spec.eval_split, config.data_dir)
+  images, labels = images[:eval_limit], labels[:eval_limit]
+  rep = P.layer_report(program, model, variables, np.asarray(data.normalize(images, spec)))
+  int_pred, fake_pred = rep["integer_pred"], rep["fake_pred"]
+  acts = {k: v for k, v in rep["layers"].items() if v["bits"] <= 8}
+  worst = max(acts, key=lambda k: (acts[k]["max_lsb"], acts[k]["mean_lsb"]))
+  layers = {k: v for k, v in rep.items() if k not in ("integer_pred", "fake_pred")}
+  write_atomic(os.path.join(out, f"layers_{name}.json"), json.dumps(layers, indent=1))
+  row = dict(scheme=name, epochs=epochs, eval_images=int(len(labels)),
+             fake_quant_accuracy=float(np.mean(fake_pred == labels)),
+             integer_accuracy=float(np.mean(int_pred == labels)),
+             integer_vs_fake_agreement=float(np.mean(int_pred == fake_pred)),
+             max_act_lsb=acts[worst]["max_lsb"], max_act_lsb_layer=worst,
+             mean_act_lsb=float(np.mean([v["mean_lsb"] for v in acts.values()])),
+             qat_eval_accuracy=result.get("test_accuracy"),
+             **size_and_bops(model, train.build_model(fp_config, spec.num_classes),
+                             spec.image_shape))
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def parse_budget(text):
+  """'bops:medium' -> ('bops', 0.5); 'size:0.3' -> ('size', 0.3).
+
+  Raises:
+    ValueError: for an unknown family or a fraction that is neither a number nor a name in
+      `grassq.mixed.BUDGET_FRACTIONS`.
+  """
+  from grassq.mixed import BUDGET_FRACTIONS
+
+  family, sep, frac = text.partition(":")
+  if not sep or family not in ("size", "bops", "latency"):
+    raise ValueError(f"budget {text!r} is not family:fraction with family size/bops/latency")
+  r = BUDGET_FRACTIONS.get(frac)
+  if r is None:
+    try:
+      r = float(frac)
+    except ValueError:
+      raise ValueError(f"budget {text!r}: fraction must be a number or one of "
+                       f"{list(BUDGET_FRACTIONS)}") from None
+  return family, r
+
+
+def hessian_sensitivity(path, fp_workdir, *, batches=4, batch_size=128, tol=0.05, max_probes=96):
+  """Hutchinson traces and Omega of the float run `fp_workdir`, cached in the JSON file `path`.
+
+  The traces average over `batches` training batches of `batch_size` images; probing stops when
+  every layer's relative standard error is at most `tol`, or at `max_probes`. Negative trace
+  estimates count as 0 in the sensitivities and are listed under ``negative_traces``.
+  """
+  import jax
+  import numpy as np
+
+  from grassq import data, mixed, train
+
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("fp_workdir") == fp_workdir:
+      print(f"reusing {path}")
+      return cached
+  model, variables, config = train.load_checkpoint(fp_workdir)
+  spec = data.get_spec(config.dataset)
+  images, labels = data.load_arrays(config.dataset, spec.train_split, config.data_dir)
+  idx = data.train_batches(len(labels), batch_size, seed=1234)
+  probe_batches = []
+  for _ in range(batches):
+    i = np.sort(next(idx))
+    probe_batches.append({"image": data.normalize(images[i], spec), "label": labels[i]})
+  _, traces = mixed.layer_sensitivities(
+      model, variables, probe_batches, jax.random.key(0), bits=BITS, tol=tol,
+      min_probes=min(16, max_probes), max_probes=max_probes)
+  clipped = mixed.sensitivity(traces, mixed.folded_weights(model, variables)[0], BITS,
+                              clip_negative=True)
+  result = dict(
+      fp_workdir=fp_workdir,
+      traces={k: dict(trace_per_param=t.trace_per_param, stderr_per_param=t.stderr_per_param,
+                      num_probes=t.num_probes, num_params=t.num_params)
+              for k, t in traces.items()},
+      sensitivity={k: {str(b): v for b, v in o.items()} for k, o in clipped.items()},
+      negative_traces=[k for k, t in traces.items() if t.trace_per_param < 0])
+  write_atomic(path, json.dumps(result, indent=1))
+  return result
+
+
+def allocations(sens, model, image_shape, budget_list, random_seed=None, latency=None):
+  """{budget text: (family, r, bit dict)} from the ILP over the sensitivities `sens`.
+
+  With `random_seed`, each free layer's sensitivity is replaced by a random one (Omega_4 ~ U(0, 1),
+  Omega_8 = 0): a random allocation that fills the same budget, the naive baseline. `latency` is
+  a measured {layer: {bits: seconds}} table for ``latency:`` budgets (`grassq.mixed.cost_tables`).
+  """
+  import numpy as np
+
+  from grassq import mixed
+  from grassq.quant import qresnet
+
+  costs = mixed.cost_tables(model, image_shape, bits=BITS, latency=latency)
+  pinned = {k: 8 for k in costs["size"] if k in qresnet.PINNED_8BIT}
+  omega = {k: {int(b): v for b, v in o.items()} for k, o in sens.items() if k not in pinned}
+  if random_seed is not None:
+    rng = np.random.default_rng(random_seed)
+    omega = {k: {4: float(rng.uniform()), 8: 0.0} for k in omega}
+  ties = mixed.tied_layers(model, image_shape)
+  out = {}
+  for text in budget_list:
+    family, r = parse_budget(text)
+    limit = mixed.budget_from_fraction(costs[family], r, pinned=pinned, bits=BITS)
+    bits = mixed.allocate_bits(omega, costs, {family: limit}, ties=ties, pinned=pinned)
+    out[text] = (family, r, bits)
+  return out
+
+
+def plot_bits(labels, bit_dicts, order, path):
+  """A grid of bits per layer (rows: `labels`, one bit dict each; columns: layers in `order`)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  layers = [k for k in order if k in bit_dicts[0]]
+  fig, ax = plt.subplots(figsize=(10, 1 + 0.35 * len(labels)))
+  grid = [[bits[k] for k in layers] for bits in bit_dicts]
+  ax.imshow(grid, cmap="viridis", vmin=4, vmax=8, aspect="auto")
+  ax.set_yticks(range(len(labels)), labels, fontsize=8)
+  ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+  for i, row in enumerate(grid):
+    for j, b in enumerate(row):
+      ax.text(j, i, str(b), ha="center", va="center", fontsize=6,
+              color="black" if b == 8 else "white")
+  ax.set_title("bits per layer (weights and the activations each layer reads)")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
+  plt.close(fig)
+  write_atomic(path, buf.getvalue())
