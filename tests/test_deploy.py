@@ -14,6 +14,7 @@ from grassq import deploy  # noqa: E402
 from grassq.models import create_model  # noqa: E402
 from grassq.quant import intops, qinception, qresnet, requantize_reference  # noqa: E402
 from grassq.quant import program as P  # noqa: E402
+from test_inception import random_variables  # noqa: E402  (tests/ is on sys.path under pytest)
 
 IMAGE = (16, 16, 1)
 RESNET_D_IMAGE = (12, 12, 1)  # deep stem + max pool: 3x3 into stage 2, an odd size to pool
@@ -47,15 +48,7 @@ def calibrated_inception_program(image=INCEPTION_IMAGE):
   rng, key = np.random.default_rng(0), jax.random.key(0, impl="rbg")
   x = rng.normal(size=(16, *image)).astype(np.float32)
 
-  def draw(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(s.dtype)
-    if name in ("scale", "var"):
-      return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
-    return rng.normal(0, 0.1, s.shape).astype(s.dtype)
-
-  v = jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, key, x[:1]))
+  v = random_variables(model, rng, image)
   q = qinception.quantized(model)
   template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                     jax.eval_shape(q.init, key, x[:1]))

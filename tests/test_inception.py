@@ -24,10 +24,10 @@ def _zeros_like_tree(tree):
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
 
-def random_variables(model, rng):
+def random_variables(model, rng, image_shape=SHAPE):
   """Variables of `model` drawn on the host (He-normal kernels, random BatchNorm statistics):
   the shapes come from `eval_shape`, so no initializer is compiled (seconds on CPU)."""
-  shapes = jax.eval_shape(model.init, _key(0), jnp.zeros((1, *SHAPE)))
+  shapes = jax.eval_shape(model.init, _key(0), jnp.zeros((1, *image_shape)))
 
   def draw(path, s):
     name = path[-1].key

@@ -198,23 +198,28 @@ def compile_relax(mod, target, *, schedule: bool = True, tune_dir: str | None = 
   return tvm.compile(mod, target)
 
 
-def save(module: Deployed, path: str) -> None:
-  """Writes the compiled module to `path` as one shared library (needs a C compiler to link).
-
-  The library is written under a temporary name in the same directory and renamed into place,
-  so a reader never sees half a file.
-  """
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+  """Yields a temporary file name beside `path`; renames it onto `path` when the block ends
+  without an exception, and removes it otherwise: a reader never sees half a file."""
   path = os.path.abspath(path)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".deploy-tmp-", suffix=".so")
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".grassq-tmp-", suffix=suffix)
   os.close(fd)
   try:
-    module.executable.export_library(tmp)
+    yield tmp
     os.replace(tmp, path)
   finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+
+
+def save(module: Deployed, path: str) -> None:
+  """Writes the compiled module to `path` as one shared library (needs a C compiler to link),
+  atomically."""
+  with atomic_path(path, ".so") as tmp:
+    module.executable.export_library(tmp)
 
 
 def load(path: str, device: str = "cpu") -> Deployed:

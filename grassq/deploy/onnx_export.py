@@ -34,10 +34,6 @@ a function is called.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-
 import numpy as np
 
 ONNX_OPSET = 21
@@ -601,18 +597,11 @@ def to_float_onnx(program, batch_size: int | None = None, opset: int = 18):
 
 def save(model, path: str) -> None:
   """Writes an ONNX model to `path` (a temporary file renamed into place)."""
+  from grassq.deploy.build import atomic_path
+
   onnx = require_onnx()
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".onnx-tmp-", suffix=".onnx")
-  os.close(fd)
-  try:
+  with atomic_path(path, ".onnx") as tmp:
     onnx.save(model, tmp)
-    os.replace(tmp, path)
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
 
 
 class OnnxModule:
