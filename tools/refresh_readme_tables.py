@@ -10,6 +10,9 @@ for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results
                  ("quant-gcr-table", "results/quant_gcr/table.md"),
                  ("mixed-table", "results/mixed/table.md"), ("main-table", "results/main/table.md"),
                  ("deploy-table", "results/deploy/table.md")):
+  if not os.path.exists(os.path.join(ROOT, src)):
+    print(f"{src} does not exist yet: {tag} left as it is")
+    continue
   table = open(os.path.join(ROOT, src)).read().strip()
   pattern = re.compile(rf"(<!-- {tag} [^>]*-->\n).*?(\n<!-- /{tag} -->)", re.S)
   text, n = pattern.subn(lambda m: m.group(1) + table + m.group(2), text)
