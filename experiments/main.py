@@ -214,7 +214,7 @@ def main(argv):
 
   with _Stage(4, "TVM build for this CPU, bit-exact check against the JAX interpreter, "
                  "latency"):
-    from experiments.deploy import deploy_and_check
+    from experiments.stages import deploy_and_check
 
     deployed, latency = {}, {}
     xla = _xla_float_latency(model, variables, spec.image_shape, cfg.latency_batches,

@@ -2,8 +2,10 @@
 
 `experiments.quantize`, `experiments.mixed_precision` and the main job (`experiments.main`) are
 thin drivers over these: QAT fine-tuning of a float run followed by integer-only evaluation
-(`run_qat`), Hessian-trace sensitivities (`hessian_sensitivity`) and ILP bit allocations
-(`allocations`). Every file they write is written atomically.
+(`run_qat`), Hessian-trace sensitivities (`hessian_sensitivity`), ILP bit allocations
+(`allocations`) and the TVM build with its bit-exact check on the test set
+(`deploy_and_check`, also behind `experiments.deploy`). Every file they write is written
+atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import io
 import json
 import os
 import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 BITS = (4, 8)  # the bit-widths the mixed-precision ILP chooses from
 
@@ -50,7 +56,6 @@ def run_qat(name, out, fp_workdir, quant, epochs, learning_rate, eval_limit=None
   returns the result row (accuracies, integer vs fake-quant agreement and LSBs, size, BOPs).
   The integer evaluation covers the whole test set, or its first `eval_limit` images.
   """
-  import numpy as np
 
   from grassq import data, train
   from grassq.quant import program as P
@@ -124,7 +129,6 @@ def hessian_sensitivity(path, fp_workdir, *, batches=4, batch_size=128, tol=0.05
   estimates count as 0 in the sensitivities and are listed under ``negative_traces``.
   """
   import jax
-  import numpy as np
 
   from grassq import data, mixed, train
 
@@ -165,7 +169,6 @@ def allocations(sens, model, image_shape, budget_list, random_seed=None, latency
   Omega_8 = 0): a random allocation that fills the same budget, the naive baseline. `latency` is
   a measured {layer: {bits: seconds}} table for ``latency:`` budgets (`grassq.mixed.cost_tables`).
   """
-  import numpy as np
 
   from grassq import mixed
   from grassq.quant import qresnet
@@ -209,3 +212,145 @@ def plot_bits(labels, bit_dicts, order, path):
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
   write_atomic(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- TVM
+
+EVAL_BATCH = 500  # images per jitted interpreter call
+
+
+def target_spec(spec):
+  """A TVM target dict from "host" / None (`grassq.deploy.host_target()`), "generic", a JSON
+  string or a dict."""
+  from grassq import deploy
+
+  if spec is None or (isinstance(spec, str) and spec == "host"):
+    return deploy.host_target()
+  if isinstance(spec, str) and spec == "generic":
+    return dict(deploy.GENERIC_TARGET)
+  if isinstance(spec, str):
+    return json.loads(spec)
+  return spec
+
+
+def program_input(program, images, dataset: str | None = None) -> np.ndarray:
+  """The program's int8 input: uint8 pixels are normalized with `dataset`'s mean/std first
+  (default grassq_fashion_mnist); float images are taken as normalized; int8 as quantized."""
+  from grassq import data
+  from grassq.quant import program as P
+
+  images = np.asarray(images)
+  if images.dtype == np.int8:
+    return images
+  if images.dtype == np.uint8:
+    spec = data.get_spec(dataset or data.DEFAULT_DATASET)
+    if tuple(spec.image_shape) != tuple(program.input_shape):
+      raise ValueError(f"{spec.name} images are {spec.image_shape}; the program takes "
+                       f"{tuple(program.input_shape)}")
+    out = [np.asarray(P.quantize_input(program, data.normalize(images[i:i + EVAL_BATCH], spec)))
+           for i in range(0, len(images), EVAL_BATCH)]
+    return np.concatenate(out) if out else np.zeros((0, *program.input_shape), np.int8)
+  if np.issubdtype(images.dtype, np.floating):
+    return np.asarray(P.quantize_input(program, images))
+  raise ValueError(f"images must be uint8 pixels, normalized floats or int8; got {images.dtype}")
+
+
+def _batched(fn, x, batch):
+  """fn over x in batches of exactly `batch` (the last one zero-padded and cut)."""
+  outs = []
+  for i in range(0, len(x), batch):
+    chunk = x[i:i + batch]
+    n = len(chunk)
+    if n < batch:
+      chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+    outs.append(np.asarray(fn(chunk))[:n])
+  return np.concatenate(outs)
+
+
+def bits_summary(program) -> str:
+  """'W8A8', 'W4A4 (first conv and classifier 8-bit)' or 'mixed: 9 of 22 layers at 4 bits'."""
+  layers = [op for op in program.ops if op.kind in ("conv", "dense", "grassmann_head")]
+  wa = [(op.attrs["w_bits"], op.attrs["in_bits"]) for op in layers]
+  inner = wa[1:-1] if len(wa) > 2 else wa
+  if len(set(inner)) == 1:
+    w, a = inner[0]
+    edge = "" if len(set(wa)) == 1 else " (first conv and classifier 8-bit)"
+    return f"W{w}A{a}{edge}"
+  low = sum(w < 8 for w, _ in wa)
+  return f"mixed: {low} of {len(wa)} layers at 4 bits"
+
+
+def deploy_and_check(program, images, labels, out_dir: str, name: str,
+                     target: Mapping[str, Any] | str | None = None,
+                     batch_sizes: Sequence[int] = (1, 8), repeats: int = 50,
+                     eval_limit: int | None = None, *, dataset: str | None = None,
+                     tune_dir: str | None = None, trials: int = 0,
+                     trials_per_task: int | None = None) -> dict:
+  """Builds `program` with TVM, saves it, and checks it against the JAX interpreter.
+
+  Args:
+    program: a `grassq.quant.program.IntegerProgram`.
+    images, labels: the test set: uint8 pixels (normalized with `dataset`'s mean/std, default
+      grassq_fashion_mnist), normalized float images, or the program's int8 input; int labels.
+    out_dir, name: the batch-1 module is saved to ``out_dir/name.so`` (atomically), other
+      batch sizes to ``out_dir/name_bB.so``.
+    target: a TVM target dict, "host" / None (`grassq.deploy.host_target()`) or "generic".
+    batch_sizes: batch sizes to build and time; the largest also runs the evaluation.
+    repeats: timed calls per measurement (the median, after one warm-up call).
+    eval_limit: only the first N images (default: all).
+    dataset: see `images`.
+    tune_dir, trials, trials_per_task: MetaSchedule (`grassq.deploy.build`); default untuned.
+
+  Returns:
+    {"name", "bits", "target", "layout", "eval_images", "bit_exact": no logit differs,
+     "mismatches": differing logits, "images_differing", "accuracy_tvm", "accuracy_int",
+     "reload_exact": the saved module, loaded back, gives the same logits,
+     "latency_ms": {"tvm": {batch: ms}, "interpreter": {batch: ms}}, "build_s",
+     "module_path": the batch-1 module, "module_paths": {batch: path}}.
+  """
+  from grassq import deploy
+  from grassq._timing import median_ms
+  from grassq.quant import program as P
+
+  batch_sizes = sorted({int(b) for b in batch_sizes})
+  if not batch_sizes or batch_sizes[0] < 1:
+    raise ValueError(f"batch_sizes must be positive; got {batch_sizes}")
+  target = target_spec(target)
+  images, labels = images[:eval_limit], np.asarray(labels[:eval_limit])
+  x = program_input(program, images, dataset)
+  if len(x) != len(labels) or len(x) == 0:
+    raise ValueError(f"{len(x)} images and {len(labels)} labels")
+
+  start = time.perf_counter()
+  modules = {b: deploy.build(program, target, b, tune_dir=tune_dir, trials=trials,
+                             trials_per_task=trials_per_task) for b in batch_sizes}
+  build_s = time.perf_counter() - start
+  paths = {}
+  for b, m in modules.items():
+    paths[b] = os.path.join(out_dir, f"{name}.so" if b == 1 else f"{name}_b{b}.so")
+    deploy.save(m, paths[b])
+
+  fn, arrays = P.interpreter(program), P.program_arrays(program)
+  want = _batched(lambda c: fn(arrays, c), x, min(EVAL_BATCH, len(x)))
+  got = _batched(modules[batch_sizes[-1]], x, batch_sizes[-1])
+  differ = got != want
+  back = deploy.load(paths[batch_sizes[0]])
+  probe = x[:batch_sizes[0]]
+  if len(probe) < batch_sizes[0]:
+    probe = np.resize(probe, (batch_sizes[0], *probe.shape[1:]))
+  reload_exact = bool(np.array_equal(back(probe), modules[batch_sizes[0]](probe)))
+
+  latency = {"tvm": {}, "interpreter": {}}
+  for b in batch_sizes:
+    xb = np.resize(x, (b, *x.shape[1:]))
+    latency["tvm"][b] = median_ms(modules[b], xb, repeats=repeats)[0]
+    latency["interpreter"][b] = median_ms(fn, arrays, xb, repeats=repeats)[0]
+  return dict(
+      name=name, bits=bits_summary(program), target=str(modules[batch_sizes[0]].target),
+      layout=deploy.default_layout(target), eval_images=int(len(x)),
+      bit_exact=not differ.any(), mismatches=int(differ.sum()),
+      images_differing=int(differ.any(axis=-1).sum()),
+      accuracy_tvm=float(np.mean(got.argmax(-1) == labels)),
+      accuracy_int=float(np.mean(want.argmax(-1) == labels)),
+      reload_exact=reload_exact, latency_ms=latency, build_s=build_s,
+      module_path=paths.get(1, paths[batch_sizes[0]]), module_paths=paths)

@@ -368,7 +368,7 @@ def test_program_layers_have_the_model_layers_shapes(w8a8_imagenet, w8a8_incepti
 
 def test_deploy_and_check_reports_bit_exactness_accuracy_and_latency(w4a8_gcr, tmp_path):
   """experiments.deploy's core: 13 images (the batch-8 evaluation pads the last batch)."""
-  from experiments.deploy import deploy_and_check
+  from experiments.stages import deploy_and_check
 
   prog, _ = w4a8_gcr
   rng, seed = fresh_rng()
