@@ -30,7 +30,8 @@ onnxruntime's rounding differs (its top-1 agreement with the interpreter is repo
 ``--convs`` (default for ResNet-18) the network's 3×3 convolutions are also timed alone, TVM int8
 (one conv + requantize per module) against XLA float32 (conv + bias + ReLU), summed over the
 network, with TVM's int8 rate against an int8 peak estimated as 4× the float32 rate of a large
-XLA GEMM measured in the same run. Results go to ``<out>/bench_<model>.json``.
+XLA GEMM measured in the same run. Results go to ``<out>/bench_<model>.json``, and
+``<out>/bench.md`` holds a Markdown table per model (of every ``bench_*.json`` there).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
 
+from experiments.stages import write_atomic
 from grassq._timing import median_ms
 
 MODELS = {
@@ -510,18 +511,56 @@ def table(report):
   return "\n".join(lines)
 
 
-def write_json(obj, path):
-  """Writes `obj` as JSON to `path` through a temporary file in the same directory."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench-",
-                             suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def markdown(out_dir):
+  """A Markdown table per model from every ``bench_<model>.json`` in `out_dir` (runs of
+  different models may come from different invocations: each names its own settings)."""
+  parts = []
+  for name in MODELS:
+    path = os.path.join(out_dir, f"bench_{name}.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      report = json.load(f)
+    spec, info, args = MODELS[name], report["machine"], report["args"]
+    batches = list(report["batches"])
+    variants = [v for v in LABELS if any(v in report["batches"][b] for b in batches)]
+    parts += [f"**{spec['title']}** ({'×'.join(map(str, spec['image_shape']))}, "
+              f"{spec['num_classes']} classes, {report['gmacs_per_image']:.3f} GMAC per image; "
+              f"{info['cpu']}, {info['cores']} cores; median of {args['repeats']} calls; "
+              f"{report['time']}; load average {', '.join(f'{x:.2f}' for x in report.get('load_average', []))})",
+              "",
+              "| candidate | " + " | ".join(f"batch {b}: ms | × XLA f32" for b in batches)
+              + " | check |",
+              "|---|" + "---|---|" * len(batches) + "---|"]
+    for v in variants:
+      cells, check = [], ""
+      for b in batches:
+        row = report["batches"][b].get(v)
+        cells += ["–", "–"] if row is None else [f"{row['ms']:.2f}",
+                                                  f"{row['x_vs_xla_float32']:.2f}"]
+        check = check or (row or {}).get("check", "")
+      parts.append(f"| {LABELS[v]} | " + " | ".join(cells) + f" | {check} |")
+    conv = report.get("conv3x3")
+    if conv:
+      parts.append("")
+      for b, row in conv["batches"].items():
+        t = row["total_ms"]
+        parts.append(f"- 3×3 convolutions alone, batch {b} ({row['gmacs']:.2f} GMAC): XLA "
+                     f"float32 {t['xla_float32']:.2f} ms; " + "; ".join(
+                         f"{LABELS[v]} {t[v]:.2f} ms = {row[f'{v}_x_vs_xla_float32']:.2f}× "
+                         f"XLA, {row[f'{v}_gops']:.0f} GOP/s = "
+                         f"{100 * row[f'{v}_fraction_of_int8_peak']:.0f} % of the int8 peak "
+                         f"estimate ({conv['int8_peak_gops_estimate']:.0f} GOP/s: 4× the "
+                         "float32 GEMM rate)" for v in t if v != "xla_float32"))
+    acc = report.get("accuracy")
+    if acc:
+      parts.append(f"- top-1 on {acc['images']} Fashion-MNIST test images: float "
+                   f"{acc['xla_float32']:.4f}; int8 program (= TVM) "
+                   f"{acc['interpreter_int8']:.4f}, onnxruntime {acc['onnxruntime_int8']:.4f}; "
+                   f"mixed program (= TVM) {acc['interpreter_mixed']:.4f}, onnxruntime "
+                   f"{acc['onnxruntime_mixed']:.4f}")
+    parts.append("")
+  return "\n".join(parts)
 
 
 def main(argv=None):
@@ -557,8 +596,10 @@ def main(argv=None):
   reports = []
   for name in args.models:
     report = bench.model(name)
-    report.update(machine=info, args=vars(args), time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    write_json(report, os.path.join(args.out, f"bench_{name}.json"))
+    report.update(machine=info, args=vars(args), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  load_average=list(os.getloadavg()))
+    write_atomic(os.path.join(args.out, f"bench_{name}.json"), json.dumps(report, indent=1))
+    write_atomic(os.path.join(args.out, "bench.md"), markdown(args.out))
     reports.append(report)
   print()
   print(f"CPU: {info['cpu']}, {info['cores']} cores; times: median ms per call; "
