@@ -481,40 +481,11 @@ def machine():
               onnxruntime=onnxruntime.__version__)
 
 
-def table(report):
-  """The report of one model as a text table."""
-  spec = MODELS[report["model"]]
-  lines = [f"{spec['title']} ({'x'.join(map(str, spec['image_shape']))}, "
-           f"{spec['num_classes']} classes, {report['gmacs_per_image']:.3f} GMAC/image)"]
-  for b, rows in report["batches"].items():
-    lines.append(f"  batch {b}:  {'candidate':44s} {'ms':>10s}  {'x XLA f32':>9s}  check")
-    for variant, row in rows.items():
-      lines.append(f"            {LABELS[variant]:44s} {row['ms']:10.3f}  "
-                   f"{row['x_vs_xla_float32']:9.2f}  {row.get('check', '')}")
-  conv = report.get("conv3x3")
-  if conv:
-    for b, row in conv["batches"].items():
-      t = row["total_ms"]
-      lines.append(f"  3x3 convs alone, batch {b} ({row['gmacs']:.2f} GMAC): XLA float32 "
-                   f"{t['xla_float32']:.2f} ms; " + "; ".join(
-                       f"{v} {t[v]:.2f} ms = {row[f'{v}_x_vs_xla_float32']:.2f}x, "
-                       f"{row[f'{v}_gops']:.0f} GOP/s "
-                       f"({100 * row[f'{v}_fraction_of_int8_peak']:.0f}% of the int8 peak "
-                       f"estimate {conv['int8_peak_gops_estimate']:.0f} GOP/s)"
-                       for v in t if v != "xla_float32"))
-  acc = report.get("accuracy")
-  if acc:
-    lines.append(f"  top-1 on {acc['images']} Fashion-MNIST test images: float "
-                 f"{acc['xla_float32']:.4f}; int8 program (= TVM) {acc['interpreter_int8']:.4f},"
-                 f" onnxruntime {acc['onnxruntime_int8']:.4f}; mixed program (= TVM) "
-                 f"{acc['interpreter_mixed']:.4f}, onnxruntime {acc['onnxruntime_mixed']:.4f}")
-  return "\n".join(lines)
-
-
 def markdown(out_dir):
   """A Markdown table per model from every ``bench_<model>.json`` in `out_dir` (runs of
   different models may come from different invocations: each names its own settings)."""
-  parts = []
+  parts = ["Times: median wall-clock ms per call (numpy in, numpy out); × XLA f32 = XLA "
+           "float32's time / this time (above 1: faster than XLA).", ""]
   for name in MODELS:
     path = os.path.join(out_dir, f"bench_{name}.json")
     if not os.path.exists(path):
@@ -593,19 +564,14 @@ def main(argv=None):
         f"TVM {info['tvm']}, JAX {info['jax']}, onnxruntime {info['onnxruntime']}; median of "
         f"{args.repeats} after {args.warmup} warm-up calls", flush=True)
   bench = Bench(args)
-  reports = []
   for name in args.models:
     report = bench.model(name)
     report.update(machine=info, args=vars(args), time=time.strftime("%Y-%m-%d %H:%M:%S"),
                   load_average=list(os.getloadavg()))
     write_atomic(os.path.join(args.out, f"bench_{name}.json"), json.dumps(report, indent=1))
     write_atomic(os.path.join(args.out, "bench.md"), markdown(args.out))
-    reports.append(report)
   print()
-  print(f"CPU: {info['cpu']}, {info['cores']} cores; times: median ms per call; "
-        "x XLA f32 = XLA float32 time / this time")
-  for report in reports:
-    print(table(report))
+  print(markdown(args.out))
 
 
 if __name__ == "__main__":

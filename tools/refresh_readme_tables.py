@@ -9,7 +9,8 @@ text = open(readme).read()
 for tag, src in (("gcr-table", "results/gcr/table.md"), ("quant-table", "results/quant/table.md"),
                  ("quant-gcr-table", "results/quant_gcr/table.md"),
                  ("mixed-table", "results/mixed/table.md"), ("main-table", "results/main/table.md"),
-                 ("deploy-table", "results/deploy/table.md")):
+                 ("deploy-table", "results/deploy/table.md"),
+                 ("bench-table", "results/deploy/bench.md")):
   if not os.path.exists(os.path.join(ROOT, src)):
     print(f"{src} does not exist yet: {tag} left as it is")
     continue

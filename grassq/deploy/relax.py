@@ -99,16 +99,17 @@ def conv2d_nchwc_int8(data, kernel, strides, out_hw):
   """TE compute of an NCHW16c x OIHW4i16o4i convolution (uint8 x int8 -> int32), no padding.
 
   The innermost (16 output channels) x (4 input channels) is exactly x86 VNNI's ``vpdpbusd``
-  (`dot_16x4_vnni`), so MetaSchedule can tensorize it.
+  (`dot_16x4_vnni`), so MetaSchedule can tensorize it. The input block may also be 4 channels
+  wide (NCHW4c x OIHW1i16o4i: a stem with ≤ 4 input channels does not multiply 12 zero ones).
   """
   from tvm import te
 
-  n, icb, _, _, _ = data.shape
+  n, icb, _, _, blk = data.shape
   ocb, _, kh, kw, _, _, _ = kernel.shape
   (sh, sw), (oh, ow) = strides, out_hw
   rc = te.reduce_axis((0, icb), "rc")
   ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-  ra, rb = te.reduce_axis((0, 4), "ra"), te.reduce_axis((0, 4), "rb")
+  ra, rb = te.reduce_axis((0, int(blk) // 4), "ra"), te.reduce_axis((0, 4), "rb")
   return te.compute(
       (n, ocb, oh, ow, 16),
       lambda b, o, y, x, oc: te.sum(
@@ -300,6 +301,8 @@ class _Lowering:
     Signed inputs go in as x ⊕ 0x80 = x + 128, padded with 128 (the shifted zero), and the
     correction 128·Σw is subtracted from the bias; padding is its own op (inside the conv it
     would block tensorization). Weights are reordered in the graph (folded at compile time).
+    With at most 4 input channels (an RGB or grey stem) only the block's first 4 channels go
+    in (NCHW4c), a quarter of the multiply-adds of a 16-channel block.
     """
     R, a = self.R, op.attrs
     (pt, pb), (pl, pr) = a["padding"]
@@ -308,14 +311,17 @@ class _Lowering:
     n, icb, h, wd, _ = _dims(x)
     ocb = -(-cout // BLOCK)
     signed = a["in_signed"]
+    blk = 4 if icb == 1 and cin <= 4 else BLOCK
     x8 = R.astype(x, "int8" if signed else "uint8")
+    if blk != BLOCK:
+      x8 = R.strided_slice(x8, axes=[4], begin=[0], end=[blk])
     if signed:
       x8 = R.astype(R.bitwise_xor(x8, self.const(-128, np.int8)), "uint8")
     if pt or pb or pl or pr:
       x8 = R.nn.pad(x8, [0, 0, 0, 0, pt, pb, pl, pr, 0, 0], pad_value=128 if signed else 0)
     x8 = self.emit(x8)
-    wp = R.nn.pad(w, [0, 0, 0, 0, 0, icb * BLOCK - cin, 0, ocb * BLOCK - cout])
-    wb = self.emit(R.permute_dims(R.reshape(wp, [kh, kw, icb, 4, 4, ocb, BLOCK]),
+    wp = R.nn.pad(w, [0, 0, 0, 0, 0, icb * blk - cin, 0, ocb * BLOCK - cout])
+    wb = self.emit(R.permute_dims(R.reshape(wp, [kh, kw, icb, blk // 4, 4, ocb, BLOCK]),
                                   [5, 2, 0, 1, 3, 6, 4]))
     oh, ow = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1
     acc = self.bb.emit_te(conv2d_nchwc_int8, x8, wb, (sh, sw), (oh, ow),
