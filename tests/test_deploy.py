@@ -129,6 +129,20 @@ def test_w8a8_imagenet_style_program_is_bit_exact(w8a8_imagenet, target):
     assert vnni_instructions(modules[target]) == 0
 
 
+def test_rgb_stem_reads_a_four_channel_block_bit_exactly():
+  """A 3-channel stem multiplies a 4-channel block (NCHW4c), every later conv 16-channel ones
+  (each conv's uint8 input buffer, its last dimension the block), and stays bit-exact."""
+  import re
+
+  prog = calibrated_program("resnet20", num_classes=5, stage_sizes=(1, 1, 1), image=(8, 8, 3))
+  text = deploy.to_relax(prog, BATCH, "NCHW16c").script()
+  shapes = re.findall(r'def conv2d_NCHWc_int8\d*\(\w+: T\.Buffer\(\((.+?)\), "uint8"\)', text)
+  blocks = [re.findall(r"\d+", shape)[-1] for shape in shapes]
+  assert len(blocks) > 4 and blocks[0] == "4" and set(blocks[1:]) == {"16"}, blocks
+  rng, seed = fresh_rng()
+  assert_bit_exact(prog, deploy.build(prog, deploy.host_target(), BATCH), rng, seed)
+
+
 @pytest.fixture(scope="module")
 def w8a8_inception():
   prog = calibrated_inception_program()

@@ -123,6 +123,27 @@ def _schedule_elementwise(sch, block, lanes=16):
     sch.parallel(loops[0])
 
 
+def _schedule_reduction(sch, block, lanes=16):
+  """A reduction block whose loops are its spatial axes then its reduce axes (a max pool window, a
+  global sum): parallel over the outer spatial loops, the reduce loops moved outside the
+  innermost spatial one (a 16-channel block)."""
+  kinds = [int(iv.iter_type) for iv in sch.get(block).iter_vars]  # 0 spatial, 2 reduce
+  loops = sch.get_loops(block)
+  if 2 not in kinds:
+    _schedule_elementwise(sch, block, lanes)
+    return
+  if len(loops) != len(kinds) or kinds != sorted(kinds):  # not spatial-then-reduce: leave it
+    return
+  spatial, reduce = loops[:kinds.index(2)], loops[kinds.index(2):]
+  if len(spatial) > 1:
+    sch.parallel(sch.fuse(*spatial[:-1]))
+  inner = spatial[-1]
+  if int(sch.get(inner).extent) % lanes == 0:  # (TIR refuses to vectorize it under the reduce
+    sch.reorder(*reduce, inner)                 # loops; LLVM vectorizes the contiguous loop)
+    init = sch.decompose_reduction(block, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def _schedule_conv(sch, conv):
   """Tiles, tensorizes and parallelizes one `conv2d_NCHWc_int8` block with its epilogue."""
   epilogue = [b for b in _inline_all(sch, [conv]) if not sch.get(b).same_as(sch.get(conv))]
@@ -167,8 +188,9 @@ def schedule_func(func, tensorize: bool = True):
       # only spatial iterators: elementwise / injective kernels
       for blk in _inline_all(sch, []):
         _schedule_elementwise(sch, blk)
-    else:
-      return func
+    else:  # pools and sums: window reductions
+      for blk in _inline_all(sch, []):
+        _schedule_reduction(sch, blk)
   except Exception as e:  # noqa: BLE001 (a schedule that does not fit: keep the default loops)
     if CONV_BLOCK in names:
       log.warning("VNNI schedule failed for a conv kernel; it keeps its default loops: %s", e)
