@@ -24,7 +24,7 @@ import json
 import os
 from absl import app, flags, logging
 
-from experiments.stages import deploy_and_check, target_spec, write_atomic  # noqa: F401
+from experiments.stages import deploy_and_check, target_spec, write_atomic
 
 flags.DEFINE_list("programs", ["results/quant/programs/w8a8", "results/quant/programs/w4a4",
                                "results/mixed/programs/bops_0.5"],
