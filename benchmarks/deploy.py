@@ -478,7 +478,7 @@ def machine():
     pass
   return dict(cpu=cpu, cores=os.cpu_count(), target=deploy.host_target(),
               avx512_vnni=deploy.has_avx512_vnni(), tvm=tvm.__version__, jax=jax.__version__,
-              onnxruntime=onnxruntime.__version__)
+              onnxruntime=onnxruntime.__version__, tvm_threads=tvm.runtime.num_threads())
 
 
 def markdown(out_dir):
@@ -497,7 +497,9 @@ def markdown(out_dir):
     variants = [v for v in LABELS if any(v in report["batches"][b] for b in batches)]
     parts += [f"**{spec['title']}** ({'×'.join(map(str, spec['image_shape']))}, "
               f"{spec['num_classes']} classes, {report['gmacs_per_image']:.3f} GMAC per image; "
-              f"{info['cpu']}, {info['cores']} cores; median of {args['repeats']} calls; "
+              f"{info['cpu']}, {info['cores']} cores"
+              + (f", TVM on {info['tvm_threads']} threads" if "tvm_threads" in info else "")
+              + f"; median of {args['repeats']} calls; "
               f"{report['time']}; load average {', '.join(f'{x:.2f}' for x in report.get('load_average', []))})",
               "",
               "| candidate | " + " | ".join(f"batch {b}: ms | × XLA f32" for b in batches)

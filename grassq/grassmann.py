@@ -12,6 +12,13 @@ jit/vmap-able. Shapes are static: k > n is a `ValueError` at trace time.
 Low-precision inputs (bfloat16, float16) are computed in float32 and returned as
 float32: JAX has no bfloat16 QR, and bfloat16 bases drift from orthonormality by
 about 1e-3 per step. Bases and their optimizer state should stay float32.
+
+Every matrix product here runs at full float32 precision (`lax.Precision.HIGHEST`),
+whatever `jax_default_matmul_precision` says. On GPUs with tensor cores JAX's default
+float32 matmul is TF32 (a 10-bit mantissa): measured on an H200, CholeskyQR2 with
+default-precision Gram matrices left |S^T S - I| at 9e-4 after one step, and the
+check itself read 6e-5 on bases that were orthonormal to 1e-6. These products are
+n x k by k x k or k x n by n x k, a small cost next to the network.
 """
 
 import numpy as np
@@ -41,6 +48,11 @@ def _check_shape(a, what="bases"):
 
 def _mT(a):
   return jnp.swapaxes(a, -1, -2)
+
+
+def _mm(a, b):
+  """a @ b at full float32 precision (no TF32/bfloat16 passes on accelerators)."""
+  return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
 def orthonormalize(a):
@@ -85,12 +97,12 @@ def cholesky_qr2(a):
   eye = jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), a.shape[:-2] + (k, k))
 
   def one_pass(x):
-    gram = _mT(x) @ x
+    gram = _mm(_mT(x), x)
     chol = jnp.linalg.cholesky(gram)  # gram = L L^T, R = L^T
     # x R^-1 = x L^-T. Invert the small k x k factor and multiply: a triangular
     # solve with the n x k matrix on the right side is ~100x slower on XLA:CPU.
     chol_inv = lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
-    return x @ _mT(chol_inv)
+    return _mm(x, _mT(chol_inv))
 
   return one_pass(one_pass(a))
 
@@ -105,17 +117,26 @@ def project_tangent(bases, v):
   Returns:
     v - S (S^T v), a tangent vector at S (S^T xi = 0).
   """
-  return v - bases @ (_mT(bases) @ v)
+  return v - _mm(bases, _mm(_mT(bases), v))
 
 
-def retract_qr(bases, tangent, method="householder"):
+QR_METHODS = ("auto", "householder", "cholesky")
+
+
+def retract_qr(bases, tangent, method="auto"):
   """QR retraction: the orthonormalized basis of span(S + tangent).
 
   Args:
     bases: (..., n, k) orthonormal bases S.
     tangent: (..., n, k) tangent vector at S (a step, already scaled).
     method: "householder" (`orthonormalize`) or "cholesky" (`cholesky_qr2`);
-      both give the same sign-fixed Q.
+      both give the same sign-fixed Q. "auto" (the default) picks, for the
+      device the computation is compiled for, Householder on CPUs and
+      CholeskyQR2 elsewhere: on an H200, for (1000, 2048, 8) bases, JAX's
+      batched Householder QR took 60 ms and CholeskyQR2 0.6 ms (CPU: 100 vs
+      81 ms). With S^T tangent = 0, S + tangent has singular values
+      sqrt(1 + sigma_i^2) >= 1, so CholeskyQR2 stays accurate for any step of
+      moderate size (sigma well below 60).
 
   Returns:
     New bases of shape (..., n, k).
@@ -124,7 +145,11 @@ def retract_qr(bases, tangent, method="householder"):
     return orthonormalize(bases + tangent)
   if method == "cholesky":
     return cholesky_qr2(bases + tangent)
-  raise ValueError(f"unknown QR method {method!r}; available: cholesky, householder")
+  if method == "auto":
+    a = _as_float(bases + tangent)
+    _check_shape(a, "input")
+    return lax.platform_dependent(a, cpu=orthonormalize, default=cholesky_qr2)
+  raise ValueError(f"unknown QR method {method!r}; available: {', '.join(QR_METHODS)}")
 
 
 def retract_polar(bases, tangent):
@@ -143,7 +168,7 @@ def retract_polar(bases, tangent):
   a = _as_float(bases + tangent)
   _check_shape(a, "input")
   u, _, vt = jnp.linalg.svd(a, full_matrices=False)
-  return u @ vt
+  return _mm(u, vt)
 
 
 def exp_map(bases, tangent):
@@ -168,7 +193,7 @@ def exp_map(bases, tangent):
   u, sigma, vt = jnp.linalg.svd(tangent, full_matrices=False)
   cos = jnp.cos(sigma)[..., None, :]
   sin = jnp.sin(sigma)[..., None, :]
-  new = (bases @ _mT(vt)) * cos @ vt + (u * sin) @ vt
+  new = _mm(_mm(bases, _mT(vt)) * cos, vt) + _mm(u * sin, vt)
   return orthonormalize(new)
 
 
@@ -192,9 +217,9 @@ def principal_angles(a, b):
     raise ValueError(f"bases must share n: got shapes {a.shape} and {b.shape}")
   if a.shape[-1] < b.shape[-1]:  # angles are symmetric; make b the thinner one
     a, b = b, a
-  m = _mT(a) @ b
+  m = _mm(_mT(a), b)
   cos = jnp.clip(jnp.linalg.svd(m, compute_uv=False), 0.0, 1.0)  # descending
-  sin = jnp.clip(jnp.linalg.svd(b - a @ m, compute_uv=False), 0.0, 1.0)
+  sin = jnp.clip(jnp.linalg.svd(b - _mm(a, m), compute_uv=False), 0.0, 1.0)
   sin = jnp.flip(sin, axis=-1)  # ascending, paired with descending cosines
   return jnp.where(cos * cos >= 0.5, jnp.arcsin(sin), jnp.arccos(cos))
 
@@ -223,7 +248,7 @@ def orthonormality_error(bases):
   """max |S^T S - I| over all entries (and all leading dims)."""
   bases = jnp.asarray(bases)
   k = bases.shape[-1]
-  gram = _mT(bases) @ bases
+  gram = _mm(_mT(bases), bases)
   return jnp.max(jnp.abs(gram - jnp.eye(k, dtype=gram.dtype)))
 
 

@@ -84,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   # rate, following the network's schedule shape; no weight decay or clipping on them.
   c.grassmann_learning_rate = 0.1
   c.grassmann_momentum = 0.9
-  c.grassmann_retraction = "qr"  # qr | qr_cholesky | polar | exp
+  c.grassmann_retraction = "qr"  # qr | qr_householder | qr_cholesky | polar | exp
 
   # HAWQV3 quantization-aware training (grassq.quant.qresnet): a per-layer bit dict; layers
   # not in it get default_bits, except the first conv and the classifier (8 unless given).

@@ -290,6 +290,71 @@ def test_save_load_round_trip(w4a8_gcr, tmp_path):
     deploy.load(str(tmp_path / "missing.so"))
 
 
+RUNTIME_ONLY_RUN = """
+import sys
+import numpy as np
+import tvm
+assert tvm.base._RUNTIME_ONLY, "TVM's compiler library was loaded"
+from grassq import deploy
+module = deploy.load(sys.argv[1])
+np.save(sys.argv[3], module(np.load(sys.argv[2])))
+"""
+
+
+def test_exported_module_runs_on_tvm_runtime_alone(w4a8_gcr, tmp_path):
+  """`export` without a built module; the .so loads and runs bit-exactly in a process whose TVM
+  has only its runtime library (as on a deployment machine without TVM's compiler)."""
+  import subprocess
+
+  prog, _ = w4a8_gcr
+  path = str(tmp_path / "w4a8.so")
+  deploy.export(prog, path, deploy.host_target(), BATCH)
+  rng, seed = fresh_rng()
+  x = images(prog, rng)
+  np.save(tmp_path / "x.npy", x)
+  env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+  subprocess.run([sys.executable, "-c", RUNTIME_ONLY_RUN, path, str(tmp_path / "x.npy"),
+                  str(tmp_path / "y.npy")], check=True, env=env, timeout=300)
+  np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(P.run(prog, x)),
+                                err_msg=f"seed {seed}")
+  assert sorted(os.listdir(tmp_path)) == ["w4a8.so", "x.npy", "y.npy"]  # no temporaries left
+
+
+def test_cuda_module_is_cross_compiled_without_a_gpu(tmp_path):
+  """A T4 module is compiled and written on a machine with no GPU; its kernels travel inside
+  the library as CUDA source (compiled by NVRTC when a GPU machine loads it)."""
+  rng, _ = fresh_rng()
+  prog = synthetic_program(rng)
+  path = tmp_path / "t4.so"
+  deploy.export(prog, str(path), deploy.CUDA_T4_TARGET, 2)
+  blob = path.read_bytes()
+  assert b"__global__" in blob and b"int8_t" in blob
+  if not tvm.cuda(0).exist:
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+      deploy.load(str(path), "cuda")
+  with pytest.raises(ValueError, match="use llvm or cuda"):
+    deploy.export(prog, str(tmp_path / "x.so"), {"kind": "opencl"}, 2)
+  assert sorted(os.listdir(tmp_path)) == ["t4.so"]
+
+
+def test_tvm_uses_every_physical_core_unless_told_otherwise():
+  """TVM's own default is half the logical CPUs (it assumes SMT): 1 worker on a 2-core machine
+  without SMT, which ran ResNet-18 int8 at half speed here."""
+  import subprocess
+
+  code = ("from grassq import deploy; from grassq.deploy.relax import physical_cores; "
+          "import tvm; deploy.require_tvm_runtime(); "
+          "print(tvm.runtime.num_threads(), physical_cores())")
+  env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=120).stdout.split()
+  assert out[0] == out[1] and int(out[0]) >= 1
+  env["TVM_NUM_THREADS"] = "1"  # the user's choice wins
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=120).stdout.split()
+  assert out[0] == "1"
+
+
 def test_bad_inputs_are_refused(w4a8_gcr):
   prog, module = w4a8_gcr
   x = np.zeros((BATCH, *IMAGE), np.int8)

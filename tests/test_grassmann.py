@@ -3,6 +3,7 @@
 import hypothesis
 from hypothesis import strategies as st
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -218,3 +219,66 @@ def test_check_bases():
   jax.jit(lambda s: G.check_bases(s) or s)(good * 2)
   with pytest.raises(ValueError, match="0 < k <= n"):
     jax.jit(lambda s: G.check_bases(s) or s)(jnp.ones((3, 4)))
+
+
+def _dot_precisions(fn, *args):
+  """The precision config of every dot_general in fn's jaxpr (sub-jaxprs included)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("name", ["retract_qr_cholesky", "retract_polar", "exp_map",
+                                  "project_tangent", "principal_angles",
+                                  "orthonormality_error"])
+def test_matmuls_ask_for_full_float32_precision(name):
+  """On tensor-core GPUs JAX's default float32 matmul is TF32; there CholeskyQR2 left bases 9e-4
+  from orthonormal (measured on an H200). Every product must ask for HIGHEST, even when the
+  user's default says otherwise."""
+  rng = np.random.default_rng()
+  s = G.orthonormalize(rng.normal(size=(3, 12, 4)).astype(np.float32))
+  t = 0.1 * G.project_tangent(s, rng.normal(size=s.shape).astype(np.float32))
+  fn, args = {
+      "retract_qr_cholesky": (lambda s, t: G.retract_qr(s, t, method="cholesky"), (s, t)),
+      "retract_polar": (G.retract_polar, (s, t)),
+      "exp_map": (G.exp_map, (s, t)),
+      "project_tangent": (G.project_tangent, (s, t)),
+      "principal_angles": (G.principal_angles, (s, s + t)),
+      "orthonormality_error": (G.orthonormality_error, (s,)),
+  }[name]
+  with jax.default_matmul_precision("bfloat16"):
+    precisions = _dot_precisions(fn, *args)
+  assert precisions, "no matrix product found"
+  for p in precisions:
+    assert p == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST), p
+
+
+def test_qr_retraction_picks_its_method_per_platform():
+  """retract_qr's default: Householder (LAPACK geqrf) when compiled for a CPU, CholeskyQR2 (no
+  QR kernel) for GPUs and TPUs; on this CPU it equals the Householder retraction bit for bit."""
+  import re
+
+  from jax import export
+
+  rng = np.random.default_rng()
+  s = G.orthonormalize(rng.normal(size=(4, 16, 3)).astype(np.float32))
+  t = 0.1 * G.project_tangent(s, rng.normal(size=s.shape).astype(np.float32))
+  np.testing.assert_array_equal(G.retract_qr(s, t), G.retract_qr(s, t, method="householder"))
+
+  def kernels(platform):
+    text = export.export(jax.jit(G.retract_qr), platforms=[platform])(s, t).mlir_module()
+    return " ".join(re.findall(r"custom_call @\w+|stablehlo\.cholesky", text))
+
+  assert "geqrf" in kernels("cpu") and "potrf" not in kernels("cpu")
+  assert "geqrf" not in kernels("cuda") and "potrf" in kernels("cuda")
+  assert "geqrf" not in kernels("tpu") and "cholesky" in kernels("tpu")
+  with pytest.raises(ValueError, match="auto, householder, cholesky"):
+    G.retract_qr(s, t, method="givens")

@@ -97,8 +97,9 @@ def test_conv2d_int_extremes_and_string_padding():
 
 
 def test_conv2d_int_keeps_int8_operands_in_the_dot():
-  x = jnp.zeros((1, 6, 6, 4), jnp.uint8)
-  w = jnp.zeros((3, 3, 4, 8), jnp.int8)
+  # K = 3*3*8 = 72: long enough for the int8 dot on every platform (shorter ones: below)
+  x = jnp.zeros((1, 6, 6, 8), jnp.uint8)
+  w = jnp.zeros((3, 3, 8, 8), jnp.int8)
   jaxpr = jax.make_jaxpr(lambda a, b: intops.conv2d_int(a, b, padding=1))(x, w)
   dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 1
@@ -344,3 +345,26 @@ def test_accumulator_worst_case_conv_3x3x512():
   got = np.asarray(conv_jit(x, w))
   lo, hi = intops.accumulator_range(3 * 3 * 512, 8, 8, False)
   assert got.ravel().tolist() == [lo, hi]
+
+
+def _exported_dots(k, platform):
+  """Operand types of the dot_generals in `_matmul_int` (int8 (8, k) x (k, 16)) lowered for
+  `platform`, without that platform's hardware (jax.export)."""
+  import re
+
+  from jax import export
+
+  x, w = jax.ShapeDtypeStruct((8, k), np.int8), jax.ShapeDtypeStruct((k, 16), np.int8)
+  text = export.export(jax.jit(intops._matmul_int), platforms=[platform])(x, w).mlir_module()
+  return re.findall(r"dot_general [^:]*: \((tensor<\w+>), (tensor<\w+>)\)", text)
+
+
+@pytest.mark.parametrize("k", [2, 7, 9, 27, 63])
+def test_gpu_short_contractions_avoid_xla_int8_dot(k):
+  """XLA's CUDA int8 x int8 -> int32 dot is wrong for short contractions (measured on an H200,
+  JAX 0.11.2: K = 2, 3, 5-7, 9-11, 13-15, 33-63 not divisible by 4). On GPUs those go to an int32
+  dot; the CPU keeps its fast int8 kernel; long contractions keep it everywhere."""
+  assert _exported_dots(k, "cuda") == [(f"tensor<8x{k}xi32>", f"tensor<{k}x16xi32>")]
+  assert _exported_dots(k, "rocm") == [(f"tensor<8x{k}xi32>", f"tensor<{k}x16xi32>")]
+  assert _exported_dots(k, "cpu") == [(f"tensor<8x{k}xi8>", f"tensor<{k}x16xi8>")]
+  assert _exported_dots(64, "cuda") == [("tensor<8x64xi8>", "tensor<64x16xi8>")]

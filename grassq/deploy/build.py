@@ -9,12 +9,15 @@ bit as `grassq.quant.program.run`. Targets are TVM target dicts:
   with AVX-512 VNNI), the default; on a VNNI CPU the convolutions are lowered in NCHW16c and
   tensorized with ``vpdpbusd`` by a hand schedule (`grassq.deploy.vnni`), no tuning needed;
 * `GENERIC_TARGET`: ``{"kind": "llvm"}``, any x86-64;
-* `CUDA_T4_TARGET`: ``{"kind": "cuda", "arch": "sm_75"}``; building for it needs a CUDA device
-  and driver at build time, else a RuntimeError. `cuda_source` generates the kernels without one
-  (and `cuda_ptx` compiles them with nvcc).
+* `CUDA_T4_TARGET`: ``{"kind": "cuda", "arch": "sm_75"}``; `build` for it needs a CUDA device
+  (else a RuntimeError), `export` does not: it cross-compiles on any machine. `cuda_source`
+  shows the kernels (and `cuda_ptx` compiles them with nvcc).
 
-`save(module, path)` writes the compiled module as one shared library (a temporary file renamed
-into place); `load(path)` reads it back.
+`save(module, path)` writes a built module as one shared library (a temporary file renamed into
+place); `export(program, path, target, input_shape)` compiles and writes one without running it,
+so a GPU module can be made on a CPU-only machine; `load(path, device)` reads either back with
+TVM's runtime alone (the machine that runs it needs no TVM compiler, LLVM or nvcc: a CUDA
+module's kernels are compiled by NVRTC when it is loaded).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from grassq.deploy.relax import INPUT_DTYPE, require_tvm, to_relax
+from grassq.deploy.relax import INPUT_DTYPE, require_tvm, require_tvm_runtime, to_relax
 
 GENERIC_TARGET = {"kind": "llvm"}
 CUDA_T4_TARGET = {"kind": "cuda", "arch": "sm_75"}
@@ -68,19 +71,67 @@ def _target(target):
   raise TypeError(f"target must be a TVM target dict (e.g. {GENERIC_TARGET}); got {target!r}")
 
 
+def _check_kind(kind):
+  if kind not in ("llvm", "cuda"):
+    raise ValueError(f"unsupported target kind {kind!r}: use llvm or cuda")
+  return kind
+
+
+def _load_cuda_runtime():
+  """Loads TVM's CUDA runtime library (the loader of CUDA modules). A full TVM loads it at
+  import; a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1`` or no compiler library) does not."""
+  from tvm.base import _LOADED_LIBS
+
+  if "tvm_runtime_cuda" in _LOADED_LIBS:
+    return
+  from pathlib import Path
+
+  from tvm_ffi.libinfo import load_lib_ctypes
+
+  runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+  try:
+    _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+        package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
+        mode="RTLD_LOCAL")
+  except (OSError, RuntimeError) as e:
+    raise RuntimeError(
+        f"no CUDA device: TVM's CUDA runtime (libtvm_runtime_cuda) did not load ({e}); a CUDA "
+        "module can be compiled here (grassq.deploy.export) but not run.") from e
+  import tvm
+
+  if tvm.base._RUNTIME_ONLY:
+    _register_runtime_cuda_compiler(tvm)
+
+
+def _register_runtime_cuda_compiler(tvm):
+  """A module's CUDA kernels are compiled when it is loaded, by the global function
+  ``tvm_callback_cuda_compile``. TVM's own one asks the compiler library's current Target for
+  the GPU architecture, which a runtime-only TVM lacks; this one names the architecture of the
+  GPU at hand and compiles with NVRTC (the ``cuda-bindings`` package)."""
+  import tvm_ffi
+  from tvm.support import nvcc
+
+  @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+  def _compile(code, *_):
+    dev = tvm.cuda(0)
+    if not dev.exist:
+      raise RuntimeError("no CUDA device to compile this module's kernels for")
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+
+
 def _device(kind):
-  tvm, _ = require_tvm()
-  if kind == "llvm":
+  tvm = require_tvm_runtime()
+  if _check_kind(kind) == "llvm":
     return tvm.cpu(0)
   if kind == "cuda":
+    _load_cuda_runtime()
     dev = tvm.cuda(0)
     if not dev.exist:
       raise RuntimeError(
           "no CUDA device: TVM found no GPU or CUDA driver (libcuda) on this machine, so a CUDA "
-          "module can be compiled but not run. grassq.deploy.cuda_source(program) generates the "
-          "CUDA kernels without one.")
+          "module can be compiled (grassq.deploy.export) but not run here.")
     return dev
-  raise ValueError(f"unsupported target kind {kind!r}: use llvm or cuda")
 
 
 class Deployed:
@@ -93,9 +144,11 @@ class Deployed:
   """
 
   def __init__(self, executable, device, target=None):
-    _, relax = require_tvm()
+    require_tvm_runtime()
+    from tvm.runtime.vm import VirtualMachine
+
     self.executable, self.device, self.target = executable, device, target
-    self.vm = relax.VirtualMachine(executable, device)
+    self.vm = VirtualMachine(executable, device)
     in_shape, out_shape = self.vm["io_shapes"]()
     self.input_shape = tuple(int(d) for d in in_shape)
     self.output_shape = tuple(int(d) for d in out_shape)
@@ -110,13 +163,14 @@ class Deployed:
     return np.ascontiguousarray(x)
 
   def __call__(self, x) -> np.ndarray:
-    tvm, _ = require_tvm()
+    tvm = require_tvm_runtime()
     out = self.vm["main"](tvm.runtime.tensor(self.check_input(x), self.device))
     return out.numpy()
 
   def time(self, x, number: int = 10, repeat: int = 3) -> float:
-    """Median seconds per call on `x` (TVM's time evaluator: no Python in the loop)."""
-    tvm, _ = require_tvm()
+    """Median seconds per call on `x` (TVM's time evaluator: no Python in the loop; on a GPU
+    the input stays on the device and the clock stops when the device has finished)."""
+    tvm = require_tvm_runtime()
     arg = tvm.runtime.tensor(self.check_input(x), self.device)
     timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
     return float(np.median(timer(arg).results))
@@ -166,11 +220,30 @@ def build(program, target: Mapping[str, Any] | None = None,
   """
   target = _target(target)
   device = _device(target.kind.name)  # before compiling: fail fast
-  layout = default_layout(target) if layout is None else layout
-  mod = to_relax(program, input_shape, layout)
-  executable = compile_relax(mod, target, schedule=schedule, tune_dir=tune_dir, trials=trials,
-                             trials_per_task=trials_per_task)
+  executable = _compile(program, target, input_shape, layout=layout, schedule=schedule,
+                        tune_dir=tune_dir, trials=trials, trials_per_task=trials_per_task)
   return Deployed(executable, device, str(target))
+
+
+def _compile(program, target, input_shape, layout=None, **kw):
+  layout = default_layout(target) if layout is None else layout
+  return compile_relax(to_relax(program, input_shape, layout), target, **kw)
+
+
+def export(program, path: str, target: Mapping[str, Any] | None = None,
+           input_shape: Sequence[int] | int | None = None, **build_kwargs) -> None:
+  """Compiles the program as `build` does (same arguments) and writes the shared library to
+  `path` atomically, without running it: the target's device need not be on this machine.
+
+  This is how a T4 module is made on a CPU-only machine: ``export(program, "r20_t4.so",
+  CUDA_T4_TARGET, 8)`` here, then ``load("r20_t4.so", "cuda")`` on the GPU machine, which needs
+  only TVM's runtime (its NVRTC compiles the kernels at load time).
+  """
+  target = _target(target)
+  _check_kind(target.kind.name)
+  executable = _compile(program, target, input_shape, **build_kwargs)
+  with atomic_path(path, ".so") as tmp:
+    executable.export_library(tmp)
 
 
 def default_layout(target) -> str:
@@ -223,14 +296,16 @@ def save(module: Deployed, path: str) -> None:
 
 
 def load(path: str, device: str = "cpu") -> Deployed:
-  """Reads a module written by `save`; ``device`` is "cpu" or "cuda"."""
-  tvm, _ = require_tvm()
+  """Reads a module written by `save` or `export`; ``device`` is "cpu" or "cuda". Needs only
+  TVM's runtime."""
+  tvm = require_tvm_runtime()
   if not os.path.exists(path):
     raise FileNotFoundError(f"no compiled module at {path}")
   kind = {"cpu": "llvm", "llvm": "llvm", "cuda": "cuda"}.get(device)
   if kind is None:
     raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
-  return Deployed(tvm.runtime.load_module(path), _device(kind))
+  dev = _device(kind)  # before loading: a CUDA module needs the CUDA runtime's loader
+  return Deployed(tvm.runtime.load_module(path), dev)
 
 
 # ----------------------------------------------------------------------------- CUDA

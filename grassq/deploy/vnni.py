@@ -88,7 +88,7 @@ def register_vnni_intrinsic(builtin: bool = False) -> str:
 
 
 def _row_tile(width, most=8):
-  """The largest divisor of `width` up to `most` (output pixels sharing one weight load)."""
+  """The largest divisor of `width` up to `most` (e.g. output pixels sharing one weight load)."""
   return max(d for d in range(1, min(width, most) + 1) if width % d == 0)
 
 
@@ -144,13 +144,24 @@ def _schedule_reduction(sch, block, lanes=16):
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _schedule_conv(sch, conv):
-  """Tiles, tensorizes and parallelizes one `conv2d_NCHWc_int8` block with its epilogue."""
+CONV_TILE = {"oc_blocks": 2, "accumulators": 16}  # register tile of the hand conv schedule
+
+
+def _schedule_conv(sch, conv, oc_blocks=None, accumulators=None):
+  """Tiles, tensorizes and parallelizes one `conv2d_NCHWc_int8` block with its epilogue.
+
+  The register tile is up to `oc_blocks` 16-channel output blocks × a row of output pixels,
+  `accumulators` zmm registers in all: each 4-channel input broadcast feeds every output block
+  and each weight vector every pixel of the row."""
+  oc_blocks = CONV_TILE["oc_blocks"] if oc_blocks is None else oc_blocks
+  accumulators = CONV_TILE["accumulators"] if accumulators is None else accumulators
   epilogue = [b for b in _inline_all(sch, [conv]) if not sch.get(b).same_as(sch.get(conv))]
   b, o, y, x, oc, rc, ry, rx, ra, rb = sch.get_loops(conv)
-  xo, xi = sch.split(x, [None, _row_tile(int(sch.get(x).extent))])
-  sch.reorder(b, o, y, xo, rc, ry, rx, ra, xi, oc, rb)
-  outer = sch.fuse(b, o, y)
+  ob = _row_tile(int(sch.get(o).extent), oc_blocks)
+  oo, oi = sch.split(o, [None, ob])
+  xo, xi = sch.split(x, [None, _row_tile(int(sch.get(x).extent), max(1, accumulators // ob))])
+  sch.reorder(b, oo, y, xo, rc, ry, rx, ra, oi, xi, oc, rb)
+  outer = sch.fuse(b, oo, y)
   sch.parallel(outer)
   for blk in epilogue:  # requantize per tile, while the accumulators are hot
     sch.reverse_compute_at(blk, xo)
@@ -158,6 +169,7 @@ def _schedule_conv(sch, conv):
     sch.vectorize(loops[-1])
   init = sch.decompose_reduction(conv, rc)
   sch.vectorize(sch.get_loops(init)[-1])
+  sch.unroll(oi)
   sch.unroll(xi)
   sch.tensorize(oc, VNNI_INTRIN)
 

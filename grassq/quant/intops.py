@@ -9,7 +9,9 @@ floating-point value anywhere in its jaxpr.
 
 Convolution is im2col from KH*KW strided slices followed by one int8 x int8 ->
 int32 `lax.dot_general` (XLA's CPU backend has a fast kernel for exactly that; an
-int32 x int32 dot or XLA's integer convolution is several times slower).
+int32 x int32 dot or XLA's integer convolution is several times slower). On GPUs a
+contraction shorter than `GPU_INT8_DOT_MIN_K` goes to an int32 dot instead: XLA's CUDA int8
+dot is wrong there (`benchmarks/int_exactness.py` checks a backend).
 `lax.conv_general_dilated_patches` is not used: it is itself a convolution, slow
 on integers, and puts a float op in the jaxpr. Unsigned 8-bit activations are
 fed to the same int8 kernel as x ^ 0x80 = x - 128, with 128 * sum_k w[k, :]
@@ -107,10 +109,26 @@ def _as_dot_operands(x, w):
   return _to_int32(x, "x"), _to_int32(w, "w"), None
 
 
+# XLA's GPU int8 x int8 -> int32 dot gives wrong sums for short contractions: measured with
+# JAX 0.11.2 on an H200, K = 7 and K = 9 (a 3x3 conv over one channel) were wrong in every
+# element, K >= 64 exact (`benchmarks/int_exactness.py`). Below this K, GPUs get the int32 dot.
+GPU_INT8_DOT_MIN_K = 64
+
+
+def _dot_int32(lhs, rhs):
+  return lax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
 def _matmul_int(x2, w2):
   """(M, K) x (K, N) integer matmul with int32 accumulation."""
   lhs, rhs, correction = _as_dot_operands(x2, w2)
-  acc = lax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  if lhs.dtype == jnp.int8 and lhs.shape[1] < GPU_INT8_DOT_MIN_K:
+    acc = lax.platform_dependent(
+        lhs, rhs, default=_dot_int32,
+        cuda=lambda a, b: _dot_int32(a.astype(jnp.int32), b.astype(jnp.int32)),
+        rocm=lambda a, b: _dot_int32(a.astype(jnp.int32), b.astype(jnp.int32)))
+  else:
+    acc = _dot_int32(lhs, rhs)
   if correction is not None:
     acc = acc + correction
   return acc
