@@ -301,14 +301,14 @@ np.save(sys.argv[3], module(np.load(sys.argv[2])))
 """
 
 
-def test_exported_module_runs_on_tvm_runtime_alone(w4a8_gcr, tmp_path):
-  """`export` without a built module; the .so loads and runs bit-exactly in a process whose TVM
-  has only its runtime library (as on a deployment machine without TVM's compiler)."""
+def test_saved_module_runs_on_tvm_runtime_alone(w4a8_gcr, tmp_path):
+  """The .so loads and runs bit-exactly in a process whose TVM has only its runtime library (as
+  on a deployment machine without TVM's compiler)."""
   import subprocess
 
-  prog, _ = w4a8_gcr
+  prog, module = w4a8_gcr
   path = str(tmp_path / "w4a8.so")
-  deploy.export(prog, path, deploy.host_target(), BATCH)
+  deploy.save(module, path)
   rng, seed = fresh_rng()
   x = images(prog, rng)
   np.save(tmp_path / "x.npy", x)
