@@ -77,9 +77,8 @@ def _table(rows, batches, load):
   target, layout = (rows[0]["target"], rows[0]["layout"]) if rows else ("", "")
   lines.append(f"Target: {target}, layout {layout}. "
                f"Latency: median wall-clock ms per call (numpy in, numpy out) after a warm-up, "
-               f"measured on a shared machine (load average {load[0]:.2f} / {load[1]:.2f} / "
-               f"{load[2]:.2f} on {os.cpu_count()} cores when the run ended): read the ratios, "
-               "not the absolute times.")
+               f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on "
+               f"{os.cpu_count()} cores when the run ended, this job's own threads included.")
   return "\n".join(lines) + "\n"
 
 
