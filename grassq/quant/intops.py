@@ -111,7 +111,8 @@ def _as_dot_operands(x, w):
 
 # XLA's GPU int8 x int8 -> int32 dot gives wrong sums for short contractions: measured with
 # JAX 0.11.2 on an H200, K = 7 and K = 9 (a 3x3 conv over one channel) were wrong in every
-# element, K >= 64 exact (`benchmarks/int_exactness.py`). Below this K, GPUs get the int32 dot.
+# element; K = 64-96 and the longer K tried (up to 576) exact (`benchmarks/int_exactness.py`).
+# Below this K, GPUs get the int32 dot.
 GPU_INT8_DOT_MIN_K = 64
 
 
