@@ -76,7 +76,7 @@ def _test_set(n_random):
 
 
 def prepare(args):
-  from benchmarks.deploy import _load_or_none, programs
+  from benchmarks.deploy import _load_or_none
   from grassq.deploy.bench import random_program
   from experiments.stages import _batched, program_input, target_spec, write_atomic
   from grassq import deploy
@@ -124,7 +124,7 @@ def prepare(args):
         label = f"{label.split(' (')[0]} (random, calibrated)"
       add(key, label, "resnet20", prog, [1, 8, args.test_batch], test=test)
   if "resnet18" in args.models:
-    r18, _, _ = programs("resnet18", argparse.Namespace(calibration_batch=8))
+    r18 = random_program("resnet18", 1000, (224, 224, 3), calibration_batch=8)
     add("r18_int8", "ResNet-18 int8 (random, calibrated)", "resnet18", r18, args.r18_batch)
   write_atomic(os.path.join(args.bundle, "manifest.json"), json.dumps(manifest, indent=1))
   print(f"bundle in {args.bundle}: " + ", ".join(e["key"] for e in manifest["entries"]))

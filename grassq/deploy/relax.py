@@ -67,7 +67,7 @@ def default_tvm_threads() -> None:
 
   Without it TVM's CPU thread pool takes half the logical CPUs on x86, assuming 2-way SMT: on a
   machine without SMT that is half the cores. Measured here (2 cores, no SMT): TVM ran 1 worker
-  thread, and ResNet-18 int8 at batch 8 took 39.8 ms instead of 21.8 ms with 2. TVM reads the
+  thread, and ResNet-18 int8 at batch 8 took 38.4 ms instead of 20.2 ms with 2. TVM reads the
   variable when its pool starts, so this runs before TVM executes anything."""
   if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
     os.environ["TVM_NUM_THREADS"] = str(physical_cores())

@@ -147,14 +147,14 @@ def _schedule_reduction(sch, block, lanes=16):
 CONV_TILE = {"oc_blocks": 2, "accumulators": 16}  # register tile of the hand conv schedule
 
 
-def _schedule_conv(sch, conv, oc_blocks=None, accumulators=None):
+def _schedule_conv(sch, conv):
   """Tiles, tensorizes and parallelizes one `conv2d_NCHWc_int8` block with its epilogue.
 
-  The register tile is up to `oc_blocks` 16-channel output blocks × a row of output pixels,
-  `accumulators` zmm registers in all: each 4-channel input broadcast feeds every output block
-  and each weight vector every pixel of the row."""
-  oc_blocks = CONV_TILE["oc_blocks"] if oc_blocks is None else oc_blocks
-  accumulators = CONV_TILE["accumulators"] if accumulators is None else accumulators
+  The register tile (`CONV_TILE`) is up to ``oc_blocks`` 16-channel output blocks × a row of
+  output pixels, ``accumulators`` zmm registers in all: each 4-channel input broadcast feeds
+  every output block and each weight vector every pixel of the row
+  (`python -m benchmarks.conv_tile` compares tiles)."""
+  oc_blocks, accumulators = CONV_TILE["oc_blocks"], CONV_TILE["accumulators"]
   epilogue = [b for b in _inline_all(sch, [conv]) if not sch.get(b).same_as(sch.get(conv))]
   b, o, y, x, oc, rc, ry, rx, ra, rb = sch.get_loops(conv)
   ob = _row_tile(int(sch.get(o).extent), oc_blocks)
