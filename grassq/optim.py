@@ -13,6 +13,16 @@ transform after it, e.g. weight decay or clipping, would move S off the manifold
 Grassmann leaves, any optax optimizer for the rest, which never sees the bases
 (so no weight decay and no gradient clipping on them).
 
+Non-finite gradients: these transforms do not check their input. One NaN or inf
+in a class's gradient makes its bases (S - lr·xi is NaN, and so is the QR of it)
+and its momentum buffer NaN for good, silently. Guard them as any optax
+optimizer: ``optax.apply_if_finite(riemannian_sgd(...), max_consecutive_errors)``
+skips a step whose gradients are not all finite (bases and momentum unchanged:
+its zero update keeps S on the manifold) and counts such steps in its state;
+after ``max_consecutive_errors`` of them in a row it lets the update through, as
+optax documents. `grassq.train`'s loop guards the whole model's update instead
+(loss, gradients, parameters and BatchNorm statistics) and is on by default.
+
 Example (a training loop's optimizer, in the user's own optax code)::
 
   >>> import jax, optax, grassq.optim

@@ -13,11 +13,25 @@ the same function as on one device. Multi-host: call ``jax.distributed.initializ
 Exact resume: the data order is a pure function of (seed, step) and the augmentation key is
 ``fold_in(key, step)``, so restoring a checkpoint at step s and continuing reproduces the
 uninterrupted run bit for bit.
+
+What a run writes stays consistent under a kill at any moment: ``config.json`` is written only
+after the checkpoint it describes was restored (a refused resume leaves it untouched, and a
+changed config on resume keeps the old one in ``config_history.jsonl``); the metrics of step s
+(training summary and evaluation) are on disk, fsync'ed, before the checkpoint of step s is
+saved; on resume ``metrics.jsonl`` is cut back to the restored step and ``tensorboard/`` is
+rebuilt from it, so every row and every TensorBoard scalar appears exactly once.
+
+Non-finite steps: a step whose loss, gradients, new parameters or new batch statistics are not
+all finite leaves the whole train state as it was (the step counter still advances, so the data
+order is unchanged); after ``config.max_nonfinite_steps`` such steps in a row the run stops with
+`TrainingDivergedError`, and no checkpoint is saved while such a streak lasts, so the checkpoints
+it keeps are the last finite states.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -33,6 +47,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grassq import data as gdata
+from grassq import files
 from grassq import models
 
 PyTree = Any
@@ -40,6 +55,10 @@ PyTree = Any
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable, or does not fit the model being restored."""
+
+
+class TrainingDivergedError(FloatingPointError):
+  """Too many consecutive training steps had a non-finite loss, gradient or parameter."""
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -104,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_epochs = 1.0
   c.progress_bar = True
+  # Steps with a non-finite loss/gradient/parameter are skipped (the state is kept); this many
+  # in a row stop the run with TrainingDivergedError. 0 stops at the first one.
+  c.max_nonfinite_steps = 5
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
   return c
 
@@ -283,14 +305,28 @@ def train_step(state: TrainState, batch, key, *, model, tx, spec, config) -> tup
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # The guard over the whole update: a non-finite loss, gradient, parameter or BatchNorm
+  # statistic keeps every part of the state (optax.apply_if_finite would guard the optimizer
+  # alone and let NaN batch statistics through).
+  finite = jnp.isfinite(loss) & all_finite((grads, params, batch_stats))
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "finite": finite,
   }
   new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state)
   )
   return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite (a scalar bool array)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def eval_step(variables, batch, *, model, spec, dtype="float32") -> dict:
@@ -342,15 +378,6 @@ def _host_batches(images, labels, index_iter, with_mask: bool = False):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def checkpoint_manager(workdir: str, config=None, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if config is None else config.keep_checkpoints,
@@ -358,7 +385,7 @@ def checkpoint_manager(workdir: str, config=None, create: bool = True) -> ocp.Ch
       create=create,
   )
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      files.join(files.abspath(workdir), "checkpoints"),
       options=options,
       item_handlers=ocp.StandardCheckpointHandler(),
   )
@@ -416,26 +443,61 @@ def restore_state(manager: ocp.CheckpointManager, target: TrainState, step: int 
 # ----------------------------------------------------------------------------- metrics
 
 
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a run's ``metrics.jsonl``. A torn last line (a kill in the middle of a write)
+  is dropped; any other line that is not JSON raises `files.CorruptFileError` naming it."""
+  if not files.exists(path):
+    return []
+  lines = files.read_text(path).splitlines()
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:
+        break  # torn by a kill: its step is after the last checkpoint and is recomputed
+      raise files.CorruptFileError(
+          f"{path}, line {i + 1}, is not JSON: the metrics file was damaged; remove that line "
+          "(or the file) to resume") from None
+  return rows
+
+
 class MetricsWriter:
-  """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard event files."""
+  """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard event files.
+
+  ``metrics.jsonl`` is the record; ``tensorboard/`` is derived from it. On opening, rows after
+  `resume_step` (logged by a killed run after its last checkpoint: they are recomputed) are
+  dropped and the event files are rebuilt from the rows that remain, so a kill at any moment,
+  even in the middle of a TensorBoard flush, leaves every scalar step exactly once. `flush`
+  puts everything written so far on disk; the training loop calls it before each checkpoint.
+  """
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = files.join(workdir, "metrics.jsonl")
     self._tb = None
     if not enabled:
       return
-    # Drop rows a killed run logged after its last checkpoint: they are recomputed.
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(rows)
-      os.replace(tmp, self.path)
+    rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+    if files.exists(self.path):
+      files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
     from tensorboardX import SummaryWriter
 
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    tb_dir = files.join(workdir, "tensorboard")
+    with files.atomic_dir(tb_dir, overwrite=True) as tmp:
+      replay = SummaryWriter(tmp, filename_suffix=".replay")
+      for row in rows:
+        self._add(replay, row)
+      replay.close()
+    self._tb = SummaryWriter(tb_dir)
+
+  @staticmethod
+  def _add(tb, row):
+    for k, v in row.items():
+      if k != "step":
+        tb.add_scalar(k, float(v), int(row["step"]))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -443,8 +505,16 @@ class MetricsWriter:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
-    for k, v in metrics.items():
-      self._tb.add_scalar(k, float(v), int(step))
+    self._add(self._tb, row)
+
+  def flush(self) -> None:
+    """Metrics rows and TensorBoard events written so far, on disk (fsync'ed)."""
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path, "a") as f:
+        os.fsync(f.fileno())
+    self._tb.flush()
 
   def close(self):
     if self._tb is not None:
@@ -497,13 +567,19 @@ def train_and_evaluate(
 ) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics.
 
-  Writes ``config.json``, ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/``.
-  `hooks` are called as ``hook(step, state)`` after every step (on the host; they see a state
-  that may still be computing).
+  Writes ``config.json``, ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/``
+  (consistent under a kill at any moment: see the module docstring). `hooks` are called as
+  ``hook(step, state)`` after every step (on the host; they see a state that may still be
+  computing).
+
+  Raises:
+    CheckpointError: the workdir's checkpoint does not fit `config` (nothing is written).
+    TrainingDivergedError: more than ``config.max_nonfinite_steps`` non-finite steps in a row.
+    ValueError: a config that gives no training step, or bad batch sizes.
   """
   if config.distributed:
     jax.distributed.initialize()
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files.abspath(workdir)
   spec = gdata.get_spec(config.dataset)
   mesh = make_mesh(devices)
   check_batch_size(config.batch_size, mesh)
@@ -516,7 +592,13 @@ def train_and_evaluate(
     total_steps = int(config.num_train_steps)
   else:
     total_steps = int(round(config.num_epochs * steps_per_epoch))
+  if total_steps <= 0:
+    raise ValueError(f"num_epochs={config.num_epochs} with {steps_per_epoch} steps per epoch "
+                     f"(num_train_steps={config.num_train_steps}) gives no training step; "
+                     "choose num_epochs > 0 or num_train_steps > 0")
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
+  save_every = max(config.checkpoint_every_steps, 1)
+  max_bad = int(config.get("max_nonfinite_steps", 5))
 
   model = build_model(config, spec.num_classes)
   schedule = make_schedule(config, steps_per_epoch, total_steps)
@@ -532,18 +614,23 @@ def train_and_evaluate(
   state = init(init_key)
 
   is_main = jax.process_index() == 0
-  if is_main:
-    _write_json_atomic(os.path.join(workdir, "config.json"), _config_to_json(config))
+  files.makedirs(workdir)
   manager = checkpoint_manager(workdir, config)
   resumed_from = manager.latest_step()
-  if resumed_from is not None:
-    state = restore_state(manager, state, resumed_from)
-  elif config.init_from:
-    variables = jax.device_put(initial_variables(config, state), replicated)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                          opt_state=jax.jit(tx.init, out_shardings=replicated)(
-                              variables["params"]))
+  try:
+    if resumed_from is not None:
+      state = restore_state(manager, state, resumed_from)
+    elif config.init_from:
+      variables = jax.device_put(initial_variables(config, state), replicated)
+      state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                            opt_state=jax.jit(tx.init, out_shardings=replicated)(
+                                variables["params"]))
+  except BaseException:
+    manager.close()
+    raise
   start = int(jax.device_get(state.step))
+  if is_main:  # only now: a refused resume must leave the run's record as it was
+    _record_config(workdir, config, start)
   writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
 
   eval_fn = make_eval_fn(model, spec, config.dtype)
@@ -563,46 +650,68 @@ def train_and_evaluate(
 
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
 
+  guard = _FiniteGuard(max_bad, lambda: manager.latest_step())
   pending: list = []
   t_last, step_last = time.perf_counter(), start
   eval_metrics: dict = {}
+  save_due = False
   try:
     for step in range(start, total_steps):
       batch = next(batches)
       state, metrics = step_fn(state, batch, train_key)
       pending.append(metrics)
+      guard.add(step + 1, metrics["finite"])
       for hook in hooks:
         hook(step + 1, state)
       done = step + 1
+      guard.check(done - 2)  # two steps behind: flags that are computed, so no stall
+      row = {}
       if done % config.log_every_steps == 0 or done == total_steps:
         host = jax.device_get(pending)
+        ok = [bool(m["finite"]) for m in host]
         now = time.perf_counter()
         ips = (done - step_last) * config.batch_size / (now - t_last)
         t_last, step_last = now, done
+        mean = lambda key: float(np.mean([m[key] for m, f in zip(host, ok) if f])) if any(
+            ok) else float("nan")
         summary = {
-            "train_loss": float(np.mean([m["loss"] for m in host])),
-            "train_accuracy": float(np.mean([m["accuracy"] for m in host])),
+            "train_loss": mean("loss"),
+            "train_accuracy": mean("accuracy"),
             "learning_rate": float(schedule(done - 1)),
             "images_per_sec": ips,
             "epoch": done / steps_per_epoch,
+            "skipped_steps": float(len(ok) - sum(ok)),
         }
         pending = []
-        writer.write(done, summary)
+        row.update(summary)
         if bar is not None:
           bar.set_postfix(
               loss=f"{summary['train_loss']:.3f}", img_s=f"{ips:.0f}", refresh=False
           )
       if bar is not None:
         bar.update(1)
-      manager.save(done, args=ocp.args.StandardSave(state), force=done == total_steps)
-      if done % eval_every == 0 or done == total_steps:
+      evaluating = done % eval_every == 0 or done == total_steps
+      save_due = save_due or done % save_every == 0 or done == total_steps
+      if save_due or evaluating:
+        guard.check(done)
+      if evaluating:  # the state is finite even inside a streak: the last finite one
         res = evaluate(eval_fn, state.variables(), test_images, test_labels, mesh=mesh,
                        batch_size=config.eval_batch_size)
         eval_metrics = {"test_accuracy": res["accuracy"], "test_loss": res["loss"]}
-        writer.write(done, {**eval_metrics, "epoch": done / steps_per_epoch})
+        row.update(eval_metrics, epoch=done / steps_per_epoch)
         if bar is not None:
           bar.write(f"step {done} (epoch {done / steps_per_epoch:.2f}): "
                     f"test accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}")
+      if row:
+        writer.write(done, row)  # one row per step: training summary and evaluation together
+      # A checkpoint only after the metrics of its step are on disk (a kill in between
+      # recomputes both), and never inside a streak of skipped steps (deferred to the next
+      # finite step; the last step is always saved).
+      if save_due and (guard.clean or done == total_steps):
+        writer.flush()
+        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+        save_due = False
+    guard.check(total_steps)
     if start >= total_steps and resumed_from is not None:
       res = evaluate(eval_fn, state.variables(), test_images, test_labels, mesh=mesh,
                      batch_size=config.eval_batch_size)
@@ -617,16 +726,86 @@ def train_and_evaluate(
   return {"step": total_steps, "resumed_from": resumed_from or 0, **eval_metrics, "state": state}
 
 
+class _FiniteGuard:
+  """Host side of the non-finite step guard: reads each step's ``finite`` flag (lagging, so
+  the device pipeline keeps running) and raises `TrainingDivergedError` after too many
+  non-finite steps in a row. `clean` is False while such a streak lasts."""
+
+  def __init__(self, max_bad: int, last_checkpoint: Callable[[], int | None]):
+    self.max_bad, self.last_checkpoint = max_bad, last_checkpoint
+    self.flags: list = []
+    self.bad = 0
+
+  def add(self, step, flag):
+    self.flags.append((step, flag))
+
+  def check(self, upto: int):
+    while self.flags and self.flags[0][0] <= upto:
+      step, flag = self.flags.pop(0)
+      self.bad = 0 if bool(jax.device_get(flag)) else self.bad + 1
+      if self.bad > self.max_bad:
+        raise TrainingDivergedError(
+            f"training diverged: the loss, a gradient or a parameter was not finite at "
+            f"{self.bad} consecutive steps (steps {step - self.bad + 1}-{step}); each was "
+            f"skipped (max_nonfinite_steps={self.max_bad}). {self._kept()}; lower the learning "
+            "rate or clip gradients (grad_clip_norm) and resume or restart")
+
+  def _kept(self):
+    last = self.last_checkpoint()
+    if last is None:
+      return "No checkpoint was saved before it"
+    return f"The last checkpoint, step {last}, holds the last finite state"
+
+  @property
+  def clean(self) -> bool:
+    return self.bad == 0
+
+
+def _record_config(workdir: str, config, step: int) -> None:
+  """Writes ``config.json``; a different config already there (a resume with overrides) is
+  appended to ``config_history.jsonl`` with the step it ran up to, and the change is logged."""
+  path = files.join(workdir, "config.json")
+  new = _config_to_json(config)
+  if files.exists(path):
+    try:
+      old = files.read_json(path, "run config")
+    except files.CorruptFileError:
+      old = None  # replaced by the config that the restored checkpoint now runs under
+    if old == new:
+      return
+    if old is not None:
+      changed = sorted(_changed_fields(old, new))
+      logging.warning("%s: resuming at step %d with changed config fields %s; the previous "
+                      "config is kept in config_history.jsonl", workdir, step, changed)
+      history = files.join(workdir, "config_history.jsonl")
+      lines = files.read_text(history) if files.exists(history) else ""
+      entry = json.dumps({"until_step": step, "changed": changed, "config": old})
+      files.atomic_write(history, lines + entry + "\n")
+  files.write_json(path, new, sort_keys=True)
+
+
+def _changed_fields(old, new, prefix=""):
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      yield from _changed_fields(a, b, f"{prefix}{k}.")
+    elif a != b:
+      yield prefix + k
+
+
 # ----------------------------------------------------------------------------- saved runs
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
   """Loads a saved run: returns (model, variables, config). Raises CheckpointError on problems."""
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
+  cfg_path = files.join(workdir, "config.json")
+  if not files.exists(cfg_path):
     raise CheckpointError(f"{workdir} is not a grassq run directory (no config.json)")
-  with open(cfg_path) as f:
-    config = config_from_json(json.load(f))
+  try:
+    config = config_from_json(files.read_json(cfg_path, "run config"))
+  except files.CorruptFileError as e:
+    raise CheckpointError(f"{e}. Restore it from a copy, or rewrite it with the config the run "
+                          "was started with (experiments/configs/...)") from None
   spec = gdata.get_spec(config.dataset)
   model = build_model(config, spec.num_classes)
   # The optimizer state's structure depends only on the optimizer, not on the schedule values.

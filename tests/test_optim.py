@@ -349,3 +349,33 @@ def test_readme_example_in_module_docstring_runs():
   lines = [l for l in optim.__doc__.splitlines() if l.strip().startswith((">>>", "..."))]
   user_code = [l for l in lines if "tx" in l or "apply_updates" in l]
   assert len(user_code) <= 5
+
+
+@pytest.mark.parametrize("momentum_rule", ["paper", "transport"])
+def test_nonfinite_gradients_poison_the_bases_unless_guarded(momentum_rule):
+  key = jax.random.key(3)
+  params = {"head": {"bases": G.random_bases(key, 4, 12, 3)},
+            "w": jnp.ones((5,))}
+  good = jax.tree_util.tree_map(lambda p: 0.1 * jnp.sin(jnp.arange(p.size).reshape(p.shape)
+                                                        + 1.0), params)
+  bad = jax.tree_util.tree_map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
+  rsgd = optim.riemannian_sgd(0.1, momentum_rule=momentum_rule)
+  unguarded = optim.with_grassmann(optax.sgd(0.1), rsgd)
+  guarded = optax.apply_if_finite(optim.with_grassmann(optax.sgd(0.1), rsgd), 3)
+  for tx, poisoned in ((unguarded, True), (guarded, False)):
+    state = tx.init(params)
+    p = params
+    for g in (good, bad, good):
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    finite = bool(jnp.all(jnp.isfinite(p["head"]["bases"])))
+    assert finite is not poisoned
+  assert int(state.total_notfinite) == 1
+  assert float(jnp.max(G.orthonormality_error(p["head"]["bases"]))) < 1e-5
+  # momentum untouched by the skipped step: the guarded run equals two good steps
+  ref = params
+  ref_state = unguarded.init(params)
+  for g in (good, good):
+    updates, ref_state = unguarded.update(g, ref_state, ref)
+    ref = optax.apply_updates(ref, updates)
+  np.testing.assert_allclose(p["head"]["bases"], ref["head"]["bases"], atol=1e-6)

@@ -237,3 +237,163 @@ def test_qat_from_a_float_run_then_integer_program(reference, tmp_path):
   fake_pred = np.asarray(jax.jit(model.apply)(variables, x)).argmax(-1)
   assert np.mean(int_pred == fake_pred) >= 0.95
   assert abs(np.mean(fake_pred == labels) - result["test_accuracy"]) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the run's record
+
+
+def tensorboard_scalars(logdir):
+  """[(tag, step)] of every scalar in the event files of `logdir` (TFRecord framing parsed
+  here; the Event protos by tensorboardX's own classes)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  found = []
+  for name in sorted(os.listdir(logdir)):
+    data = open(os.path.join(logdir, name), "rb").read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("Q", data[i:i + 8])
+      assert i + 16 + n <= len(data), f"torn record in {name}"
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 16 + n
+      found += [(v.tag, event.step) for v in event.summary.value]
+  return found
+
+
+def metric_pairs(workdir):
+  rows = train.read_metrics(str(workdir / "metrics.jsonl"))
+  return [(k, r["step"]) for r in rows for k in r if k != "step"]
+
+
+def test_kills_in_an_evaluation_and_a_tensorboard_write_leave_every_step_once(reference,
+                                                                            tmp_path):
+  _, _, ref = reference
+  work = tmp_path / "work"
+  # Dies in the middle of the 2nd evaluation (step 16: its row and checkpoint never written),
+  # then, resumed, in the middle of writing the 30th TensorBoard record (a torn event file).
+  proc, _ = run(work, tmp_path / "a.npz", eval_every=8, kill_in_eval=2, check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  assert sorted(os.listdir(work / "checkpoints"))[-1] == "8"
+  proc, _ = run(work, tmp_path / "b.npz", eval_every=8, kill_in_tb_write=30, check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  with pytest.raises(AssertionError, match="torn record"):
+    tensorboard_scalars(work / "tensorboard")
+  _, result = run(work, tmp_path / "p.npz", eval_every=8)
+  assert result["resumed_from"] > 8
+  rows = train.read_metrics(str(work / "metrics.jsonl"))
+  assert [r["step"] for r in rows if "train_loss" in r] == [8, 16, 24, 32, 40]
+  assert [r["step"] for r in rows if "test_accuracy" in r] == [8, 16, 24, 32, 40]
+  pairs = metric_pairs(work)
+  assert len(pairs) == len(set(pairs))
+  assert sorted(tensorboard_scalars(work / "tensorboard")) == sorted(pairs)
+  got = dict(np.load(tmp_path / "p.npz"))  # evaluations and kills change nothing trained
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_diverging_run_stops_and_keeps_finite_checkpoints(tmp_path):
+  work = tmp_path / "work"
+  import re
+
+  # At this learning rate the steps go non-finite within the first 20: the run must stop with
+  # an error and keep only checkpoints from before the streak.
+  proc, _ = run(work, tmp_path / "p.npz", lr=100, check=False)
+  assert proc.returncode != 0
+  m = re.search(r"TrainingDivergedError: training diverged: .* at 6 consecutive steps "
+                r"\(steps (\d+)-(\d+)\); each was skipped .* The last checkpoint, step (\d+),",
+                proc.stderr)
+  assert m, proc.stderr[-3000:]
+  first_bad, last_bad, kept = map(int, m.groups())
+  manager = train.checkpoint_manager(str(work), create=False)
+  steps = list(manager.all_steps())
+  manager.close()
+  assert steps and max(steps) == kept < first_bad  # nothing saved inside the streak
+  for step in steps:
+    _, variables, _ = train.load_checkpoint(str(work), step)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+      assert np.isfinite(np.asarray(leaf)).all(), (step, jax.tree_util.keystr(path))
+
+
+def test_nonfinite_step_keeps_the_whole_state():
+  import optax
+  from grassq import data
+
+  config = digits_smoke.get_config()
+  config.head = "grassmann"
+  config.head_kwargs.subspace_dim = 2
+  spec = data.get_spec("digits")
+  model = train.build_model(config, 10)
+  images, labels = data.load_arrays("digits", "train")
+  batch = {"image": images[:8], "label": labels[:8]}
+  key = jax.random.key(0)
+  for lr, finite in ((float("inf"), False), (0.1, True)):
+    tx = train.make_optimizer(config, optax.constant_schedule(lr))
+    state = train.create_train_state(key, model, tx, spec.image_shape)
+    step = jax.jit(lambda s, b, k: train.train_step(s, b, k, model=model, tx=tx, spec=spec,
+                                                    config=config))
+    new, metrics = step(state, batch, key)
+    assert bool(metrics["finite"]) is finite and int(new.step) == 1
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
+                                  (state.params, state.batch_stats, state.opt_state),
+                                  (new.params, new.batch_stats, new.opt_state))
+    assert all(jax.tree_util.tree_leaves(same)) is (not finite)
+
+
+def test_refused_resume_keeps_the_record_and_overrides_are_kept(reference, tmp_path):
+  d, _, _ = reference
+  work = tmp_path / "work"
+  shutil.copytree(d / "work", work)
+  before = (work / "config.json").read_bytes()
+  config = digits_smoke.get_config()
+  config.model_kwargs.num_filters = 8
+  with pytest.raises(train.CheckpointError, match="does not match"):
+    train.train_and_evaluate(config, str(work))
+  assert (work / "config.json").read_bytes() == before
+  train.load_checkpoint(str(work))  # the run is still loadable
+  config = digits_smoke.get_config()
+  config.num_train_steps = 48  # a harmless override: train 8 steps more
+  result = train.train_and_evaluate(config, str(work))
+  assert result["resumed_from"] == 40 and result["step"] == 48
+  assert json.loads((work / "config.json").read_text())["num_train_steps"] == 48
+  (entry,) = [json.loads(l) for l in open(work / "config_history.jsonl")]
+  assert entry["until_step"] == 40 and entry["changed"] == ["num_train_steps"]
+  assert entry["config"] == json.loads(before)
+
+
+def test_torn_metrics_line_resumes_and_a_damaged_one_is_named(tmp_path):
+  rows = [{"step": 8, "train_loss": 1.5}, {"step": 16, "train_loss": 1.2}]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 24, "train_lo')
+  assert train.read_metrics(str(path)) == rows
+  writer = train.MetricsWriter(str(tmp_path), resume_step=16)
+  writer.write(24, {"train_loss": 1.0})
+  writer.close()
+  assert [r["step"] for r in train.read_metrics(str(path))] == [8, 16, 24]
+  assert sorted(tensorboard_scalars(tmp_path / "tensorboard")) == [
+      ("train_loss", 8), ("train_loss", 16), ("train_loss", 24)]
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join([lines[0], lines[1][:5], lines[2]]) + "\n")
+  from grassq import files
+  with pytest.raises(files.CorruptFileError, match=r"metrics.jsonl, line 2"):
+    train.MetricsWriter(str(tmp_path), resume_step=16)
+
+
+def test_truncated_config_is_a_checkpoint_error_naming_the_file(reference, tmp_path):
+  d, _, _ = reference
+  work = tmp_path / "work"
+  shutil.copytree(d / "work", work, ignore=shutil.ignore_patterns("checkpoints"))
+  text = (work / "config.json").read_text()
+  (work / "config.json").write_text(text[:len(text) // 2])
+  with pytest.raises(train.CheckpointError, match=r"config.json is not valid JSON"):
+    train.load_checkpoint(str(work))
+
+
+def test_a_run_with_no_steps_is_refused(tmp_path):
+  config = digits_smoke.get_config()
+  config.num_train_steps = -1
+  config.num_epochs = 0.0
+  with pytest.raises(ValueError, match="gives no training step"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "config.json")
