@@ -1,12 +1,17 @@
 """Throughput of grassq's training loop vs a plain flax/optax step, measured in one run.
 
   python benchmarks/train_throughput.py [--batch-size 128] [--steps 60] [--repeats 5]
+  python benchmarks/train_throughput.py --compare-guard [--rounds 4]
 
 "plain" is the bare jitted step (same ResNet-20, SGD + momentum, one batch already on the
 device, no data pipeline, no augmentation, no logging, no checkpoints): an upper bound for any
 loop. "grassq loop" is `grassq.train.train_and_evaluate` on grassq_fashion_mnist with
 everything on (host batching, prefetch, on-device augmentation, metrics, checkpoints at the end),
 timed from its own images/s log after warm-up. Run it on an otherwise idle machine.
+
+``--compare-guard`` times the loop with its non-finite step guard on (the default,
+``max_nonfinite_steps=5``) and off (``-1``), in alternating runs of the same process: the
+guard's cost as the ratio of the two medians.
 """
 
 import argparse
@@ -56,8 +61,9 @@ def plain_images_per_sec(batch_size, steps, repeats):
   return statistics.median(rates), rates
 
 
-def loop_images_per_sec(batch_size, steps, repeats):
+def loop_images_per_sec(batch_size, steps, repeats, max_nonfinite_steps=5):
   config = fmnist_resnet20.get_config()
+  config.max_nonfinite_steps = max_nonfinite_steps
   config.batch_size = batch_size
   config.log_every_steps = steps
   config.num_train_steps = steps * (repeats + 1)
@@ -76,8 +82,23 @@ def main():
   ap.add_argument("--batch-size", type=int, default=128)
   ap.add_argument("--steps", type=int, default=40)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--compare-guard", action="store_true")
+  ap.add_argument("--rounds", type=int, default=4)
   args = ap.parse_args()
   gdata.prepare()
+  if args.compare_guard:
+    rates = {5: [], -1: []}
+    for _ in range(args.rounds):  # interleaved: on, off, on, off, ...
+      for setting in rates:
+        rates[setting] += loop_images_per_sec(args.batch_size, args.steps, args.repeats,
+                                              setting)[1]
+    on, off = (statistics.median(rates[k]) for k in (5, -1))
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch "
+          f"{args.batch_size}, {args.rounds} interleaved rounds of {args.repeats} windows")
+    print(f"guard on  : {on:8.1f} images/s  ({', '.join(f'{r:.0f}' for r in rates[5])})")
+    print(f"guard off : {off:8.1f} images/s  ({', '.join(f'{r:.0f}' for r in rates[-1])})")
+    print(f"step time on / off: {off / on:.3f}")
+    return
   plain, plain_all = plain_images_per_sec(args.batch_size, args.steps, args.repeats)
   loop, loop_all = loop_images_per_sec(args.batch_size, args.steps, args.repeats)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {args.batch_size}")

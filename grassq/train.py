@@ -123,8 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_epochs = 1.0
   c.progress_bar = True
-  # Steps with a non-finite loss/gradient/parameter are skipped (the state is kept); this many
-  # in a row stop the run with TrainingDivergedError. 0 stops at the first one.
+  # Steps with a non-finite loss/gradient/parameter are skipped (the state is kept); more than
+  # this many in a row stop the run with TrainingDivergedError. 0 stops at the first one; -1
+  # turns the guard off (non-finite values then spread silently: for measuring its cost).
   c.max_nonfinite_steps = 5
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
   return c
@@ -308,8 +309,12 @@ def train_step(state: TrainState, batch, key, *, model, tx, spec, config) -> tup
   # The guard over the whole update: a non-finite loss, gradient, parameter or BatchNorm
   # statistic keeps every part of the state (optax.apply_if_finite would guard the optimizer
   # alone and let NaN batch statistics through).
-  finite = jnp.isfinite(loss) & all_finite((grads, params, batch_stats))
-  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  if config.get("max_nonfinite_steps", 5) >= 0:
+    finite = jnp.isfinite(loss) & all_finite((grads, params, batch_stats))
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new,
+                                                   old)
+  else:
+    finite, keep = jnp.array(True), lambda new, old: new
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
@@ -740,6 +745,9 @@ class _FiniteGuard:
     self.flags.append((step, flag))
 
   def check(self, upto: int):
+    if self.max_bad < 0:
+      self.flags.clear()
+      return
     while self.flags and self.flags[0][0] <= upto:
       step, flag = self.flags.pop(0)
       self.bad = 0 if bool(jax.device_get(flag)) else self.bad + 1
