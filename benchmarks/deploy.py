@@ -37,14 +37,13 @@ XLA GEMM measured in the same run. Results go to ``<out>/bench_<model>.json``, a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import numpy as np
 
-from experiments.stages import write_atomic
+from grassq import files
 from grassq._timing import median_ms
 
 MODELS = {
@@ -490,8 +489,8 @@ def markdown(out_dir):
     path = os.path.join(out_dir, f"bench_{name}.json")
     if not os.path.exists(path):
       continue
-    with open(path) as f:
-      report = json.load(f)
+    report = files.read_json(path, "benchmark report",
+                             f"run `python -m benchmarks.deploy --models {name}` again")
     spec, info, args = MODELS[name], report["machine"], report["args"]
     batches = list(report["batches"])
     variants = [v for v in LABELS if any(v in report["batches"][b] for b in batches)]
@@ -570,8 +569,8 @@ def main(argv=None):
     report = bench.model(name)
     report.update(machine=info, args=vars(args), time=time.strftime("%Y-%m-%d %H:%M:%S"),
                   load_average=list(os.getloadavg()))
-    write_atomic(os.path.join(args.out, f"bench_{name}.json"), json.dumps(report, indent=1))
-    write_atomic(os.path.join(args.out, "bench.md"), markdown(args.out))
+    files.write_json(os.path.join(args.out, f"bench_{name}.json"), report, indent=1)
+    files.atomic_write(os.path.join(args.out, "bench.md"), markdown(args.out))
   print()
   print(markdown(args.out))
 

@@ -29,7 +29,6 @@ module's CUDA source for sm_75 (T4) and for the GPU at hand, when ``cuobjdump`` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -51,12 +50,10 @@ TEST_BATCH = 500  # batch of the ResNet-20 modules that run the test set: 20 cal
 
 
 def _save_npz(path, **arrays):
-  from experiments.stages import write_atomic
+  from grassq import files
 
-  with tempfile.TemporaryFile() as f:
-    np.savez_compressed(f, **arrays)
-    f.seek(0)
-    write_atomic(path, f.read())
+  with files.atomic_path(path, ".npz") as tmp:
+    np.savez_compressed(tmp, **arrays)
 
 
 # ----------------------------------------------------------------------------- prepare (CPU)
@@ -78,8 +75,8 @@ def _test_set(n_random):
 def prepare(args):
   from benchmarks.deploy import _load_or_none
   from grassq.deploy.bench import random_program
-  from experiments.stages import _batched, program_input, target_spec, write_atomic
-  from grassq import deploy
+  from experiments.stages import _batched, program_input, target_spec
+  from grassq import deploy, files
   from grassq.quant import program as P
 
   target = deploy.CUDA_T4_TARGET if args.target == "cuda" else target_spec(args.target)
@@ -110,7 +107,8 @@ def prepare(args):
       entry["test_batch"] = args.test_batch
     _save_npz(os.path.join(args.bundle, entry["arrays"]), **io)
     if target["kind"] == "cuda":
-      write_atomic(os.path.join(args.bundle, f"{key}.cu"), deploy.cuda_source(prog, batches[0]))
+      files.atomic_write(os.path.join(args.bundle, f"{key}.cu"),
+                         deploy.cuda_source(prog, batches[0]))
     manifest["entries"].append(entry)
 
   if "resnet20" in args.models:
@@ -126,7 +124,7 @@ def prepare(args):
   if "resnet18" in args.models:
     r18 = random_program("resnet18", 1000, (224, 224, 3), calibration_batch=8)
     add("r18_int8", "ResNet-18 int8 (random, calibrated)", "resnet18", r18, args.r18_batch)
-  write_atomic(os.path.join(args.bundle, "manifest.json"), json.dumps(manifest, indent=1))
+  files.write_json(os.path.join(args.bundle, "manifest.json"), manifest, indent=1)
   print(f"bundle in {args.bundle}: " + ", ".join(e["key"] for e in manifest["entries"]))
 
 
@@ -152,10 +150,12 @@ def sass_counts(source: str, arch: str) -> dict | None:
 
 def _load(path, device):
   """`deploy.load`; when NVRTC cannot compile the kernels, once more with nvcc."""
-  from grassq import deploy
+  from grassq import deploy, files
 
   try:
     return deploy.load(path, device)
+  except files.CorruptFileError:  # a damaged module: another compiler will not help
+    raise
   except Exception as err:  # noqa: BLE001 (retried below, or re-raised)
     if device != "cuda" or os.environ.get("TVM_CUDA_COMPILE_MODE") == "nvcc":
       raise
@@ -245,10 +245,10 @@ def _check_entry(e, args, manifest, timed, device):
 def run(args):
   import jax
 
-  from experiments.stages import write_atomic
+  from grassq import files
 
-  with open(os.path.join(args.bundle, "manifest.json")) as f:
-    manifest = json.load(f)
+  manifest = files.read_json(os.path.join(args.bundle, "manifest.json"), "bundle manifest",
+                             "run `python -m benchmarks.deploy_gpu prepare` again")
   device = jax.devices()[0]
   report = dict(device=device.device_kind, jax_backend=jax.default_backend(),
                 jax_version=jax.__version__, host=platform.node(), models={}, entries={})
@@ -260,8 +260,8 @@ def run(args):
   def write():  # after every entry: a run cut short keeps what it measured
     report["seconds"] = round(time.perf_counter() - t_all, 1)
     os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "gpu.json"), json.dumps(report, indent=1))
-    write_atomic(os.path.join(args.out, "gpu.md"), markdown(report))
+    files.write_json(os.path.join(args.out, "gpu.json"), report, indent=1)
+    files.atomic_write(os.path.join(args.out, "gpu.md"), markdown(report))
 
   entries = {e["key"]: e for e in manifest["entries"]}
   for key in args.only or list(entries):

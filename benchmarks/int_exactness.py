@@ -127,8 +127,8 @@ def main(argv=None):
                 requantize=requantize_grid(device, rng),
                 programs=[program_ops(p, device, rng) for p in args.program])
   if args.out:
-    from experiments.stages import write_atomic
-    write_atomic(args.out, json.dumps(report, indent=1))
+    from grassq import files
+    files.write_json(args.out, report, indent=1)
 
 
 if __name__ == "__main__":

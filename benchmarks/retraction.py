@@ -12,7 +12,6 @@ also writes them as JSON (atomically).
 
 import argparse
 import functools
-import json
 import statistics
 import time
 
@@ -65,11 +64,11 @@ def main():
     print(f"{name:30s} {1e3 * t:9.1f} ms   x{t / base:5.2f}   "
           f"max angle to geodesic {angle:.1e} rad   |S^T S - I| {err:.1e}")
   if args.out:
-    from experiments.stages import write_atomic
+    from grassq import files
 
-    write_atomic(args.out, json.dumps(dict(
+    files.write_json(args.out, dict(
         device=jax.devices()[0].device_kind, shape=[args.classes, args.n, args.k],
-        dtype="float32", repeats=args.repeats, results=rows), indent=1))
+        dtype="float32", repeats=args.repeats, results=rows), indent=1)
 
 
 if __name__ == "__main__":

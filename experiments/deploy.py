@@ -24,7 +24,8 @@ import json
 import os
 from absl import app, flags, logging
 
-from experiments.stages import deploy_and_check, target_spec, write_atomic
+from experiments.stages import deploy_and_check, read_cache, target_spec
+from grassq import files
 
 flags.DEFINE_list("programs", ["results/quant/programs/w8a8", "results/quant/programs/w4a4",
                                "results/mixed/programs/bops_0.5"],
@@ -106,10 +107,9 @@ def main(argv):
   images, labels = data.load_arrays(dataset, spec.eval_split, FLAGS.data_dir)
 
   path = os.path.join(FLAGS.out, "results.json")
-  done = {}
-  if os.path.exists(path):  # keep the rows of programs not run this time
-    with open(path) as f:
-      done = {r["name"]: r for r in json.load(f).get("programs", [])}
+  old = read_cache(path, "results file", "the rows of programs not run this time are dropped")
+  # keep the rows of programs not run this time
+  done = {r["name"]: r for r in (old or {}).get("programs", [])}
   for name, program in programs.items():
     row = deploy_and_check(program, images, labels, os.path.join(FLAGS.out, "modules"), name,
                            target, batches, FLAGS.repeats, FLAGS.eval_limit, dataset=dataset,
@@ -127,15 +127,15 @@ def main(argv):
     table = deploy.latency_table(programs[first], target=target, bits=(4, 8),
                                  tune_dir=FLAGS.tune_dir)
     whole = done[first]["latency_ms"]["tvm"].get("1")
-    write_atomic(os.path.join(FLAGS.out, "latency_table.json"), json.dumps(dict(
+    files.write_json(os.path.join(FLAGS.out, "latency_table.json"), dict(
         target=str(target), program=first, unit="seconds per call, batch 1",
         note="4-bit layers run int8 kernels on llvm (TVM 0.27's int4 is broken there); "
              "each layer timed alone, so fixed per-kernel costs are counted per layer",
         sum_of_layers_ms={b: 1e3 * sum(t[b] for t in table.values()) for b in (4, 8)},
-        whole_module_b1_ms=whole, load_average=list(os.getloadavg()), table=table), indent=1))
-  write_atomic(path, json.dumps(results, indent=1))
+        whole_module_b1_ms=whole, load_average=list(os.getloadavg()), table=table), indent=1)
+  files.write_json(path, results, indent=1)
   table_md = _table(rows, batches, os.getloadavg())
-  write_atomic(os.path.join(FLAGS.out, "table.md"), table_md)
+  files.atomic_write(os.path.join(FLAGS.out, "table.md"), table_md)
   print(table_md)
 
 

@@ -18,15 +18,14 @@ summaries after every run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.stages import write_atomic
+from experiments.stages import read_cache, save_figure
+from grassq import files
 
 config_flags.DEFINE_config_file("config", "experiments/configs/gcr_fmnist.py", "Base config.")
 flags.DEFINE_string("out", "results/gcr", "Output directory.")
@@ -87,9 +86,9 @@ def run_one(base, variant: Variant, seed: int, out: str) -> dict:
 
   workdir = os.path.join(out, "runs", f"{variant.name}_s{seed}")
   summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      return json.load(f)
+  summary = read_cache(summary_path, "run summary", "it is recomputed from the run")
+  if summary is not None:
+    return summary
   config = run_config(base, variant, seed)
   print(f"== {variant.name} seed {seed}: {workdir}", flush=True)
   result = train.train_and_evaluate(config, workdir)
@@ -111,7 +110,7 @@ def run_one(base, variant: Variant, seed: int, out: str) -> dict:
   if variant.head == "grassmann":
     angles = analysis.pairwise_principal_angles(variables["params"]["head"]["bases"])
     summary["principal_angles_deg"] = [float(a) for a in (angles * 180 / 3.141592653589793).ravel()]
-  write_atomic(summary_path, json.dumps(summary, indent=1))
+  files.write_json(summary_path, summary, indent=1)
   return summary
 
 
@@ -138,10 +137,10 @@ def report(out: str) -> str:
   for v in VARIANTS:
     rows = []
     for seed in v.seeds:
-      p = os.path.join(out, "runs", f"{v.name}_s{seed}", "summary.json")
-      if os.path.exists(p):
-        with open(p) as f:
-          rows.append(json.load(f))
+      row = read_cache(os.path.join(out, "runs", f"{v.name}_s{seed}", "summary.json"),
+                       "run summary", "left out of the report (rerun the benchmark to redo it)")
+      if row is not None:
+        rows.append(row)
     if rows:
       found[v.name] = (v, rows)
   lines = [
@@ -156,14 +155,10 @@ def report(out: str) -> str:
   table = "\n".join(lines) + (
       f"\n\nResNet-20 on Fashion-MNIST, {', '.join(f'{e:g}' for e in sorted(epochs))} epochs; "
       "mean ± sample std over seeds where there are several.\n")
-  write_atomic(os.path.join(out, "table.md"), table)
+  files.atomic_write(os.path.join(out, "table.md"), table)
 
   def savefig(fig, name):
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out, name))
+    save_figure(fig, os.path.join(out, name), dpi=120, bbox_inches="tight")
 
   ks = [(int(n.split("_k")[1]), rows) for n, (v, rows) in found.items() if n.startswith("gcr_k")]
   ks.sort()

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging
@@ -28,7 +27,8 @@ from ml_collections import config_flags
 
 # --fp_workdir, --out, --epochs and --learning_rate are experiments.quantize's flags.
 from experiments.quantize import FLAGS
-from experiments.stages import deploy_and_check, run_qat, write_atomic
+from experiments.stages import deploy_and_check, run_qat
+from grassq import files
 
 config_flags.DEFINE_config_file("config", "experiments/configs/fmnist_inception_small.py",
                                 "Float training config.")
@@ -77,7 +77,7 @@ def main(argv):
   results = dict(fp_workdir=FLAGS.fp_workdir, model=FLAGS.config.model,
                  fp32_steps=fp["step"], fp32_accuracy=fp.get("test_accuracy"), w8a8=row, tvm=tvm,
                  inception_v3_299=full, hawq_v3_published=HAWQV3)
-  write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  files.write_json(os.path.join(FLAGS.out, "results.json"), results, indent=1)
   r = row
   table = "\n".join([
       f"Small InceptionV3-shaped network ({FLAGS.config.model}) on Fashion-MNIST: "
@@ -112,7 +112,7 @@ def main(argv):
       f"| HAWQV3 | | {HAWQV3['size_fp32_mib']} | {HAWQV3['gbops_fp32']} | "
       f"{HAWQV3['size_int8_mib']} | {HAWQV3['gbops_int8']} |",
   ]) + "\n"
-  write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  files.atomic_write(os.path.join(FLAGS.out, "table.md"), table)
   print(table)
 
 

@@ -4,7 +4,8 @@
   python -m experiments.main --config experiments/configs/main.py:full
   python -m experiments.main --config.train.dataset=grassq_mnist --workdir runs/main_mnist
 
-Stages (each reuses what an earlier run of the same workdir left behind):
+Stages (each reuses what an earlier run of the same workdir left behind; a stage cache
+``WORKDIR/*.json`` that cannot be read is recomputed, with a warning naming it):
   1. float training: ResNet-20 with the Grassmann head (k = 8), Riemannian SGD on the bases
      (``WORKDIR/float``, orbax checkpoints, resumes mid-run);
   2. QAT to uniform W8A8, then the integer program evaluated integer-only in JAX
@@ -18,7 +19,6 @@ Stages (each reuses what an earlier run of the same workdir left behind):
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import stages
+from grassq import files
 
 config_flags.DEFINE_config_file("config", "experiments/configs/main.py", "Main-job config.")
 flags.DEFINE_string("workdir", "runs/main", "Checkpoints, programs and compiled modules.")
@@ -53,25 +54,13 @@ class _Stage:
             flush=True)
 
 
-def _cached(path, key, fn):
-  """fn()'s JSON result, reused from `path` when it was computed with the same `key`."""
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved.get("key") == key:
-      print(f"reusing {path}")
-      return saved["value"]
-  value = fn()
-  stages.write_atomic(path, json.dumps({"key": key, "value": value}, indent=1))
-  return value
-
-
 def _qat(cfg, workdir, float_dir, name, quant):
   key = dict(fp_workdir=float_dir, quant=quant, epochs=cfg.qat_epochs,
              learning_rate=cfg.qat_learning_rate, eval_images=cfg.eval_images)
-  return _cached(os.path.join(workdir, f"{name}.json"), key,
-                 lambda: stages.run_qat(name, workdir, float_dir, quant, cfg.qat_epochs,
-                                        cfg.qat_learning_rate, eval_limit=cfg.eval_images or None))
+  return stages.cached(os.path.join(workdir, f"{name}.json"), key,
+                        lambda: stages.run_qat(name, workdir, float_dir, quant, cfg.qat_epochs,
+                                               cfg.qat_learning_rate,
+                                               eval_limit=cfg.eval_images or None))
 
 
 def _xla_float_latency(model, variables, image_shape, batches, repeats):
@@ -121,10 +110,7 @@ def _plot_summary(rows, latency, batches, path):
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  stages.write_atomic(path, buf.getvalue())
+  stages.save_figure(fig, path, format="png", dpi=120)
 
 
 def _report(cfg, fp, w8, mixed, deployed, latency, bits, elapsed):
@@ -248,11 +234,10 @@ def main(argv):
                    bits=bits, deployed={k: {kk: vv for kk, vv in v.items()}
                                         for k, v in deployed.items()},
                    latency_ms=latency, elapsed_s=elapsed)
-    stages.write_atomic(os.path.join(out, "results.json"),
-                        json.dumps(results, indent=1, default=str))
+    files.write_json(os.path.join(out, "results.json"), results, indent=1, default=str)
     report, table = _report(cfg, fp, w8, mixed, deployed, latency, bits, elapsed)
-    stages.write_atomic(os.path.join(out, "table.md"), table)
-    stages.write_atomic(os.path.join(FLAGS.results, "report.md"), report)
+    files.atomic_write(os.path.join(out, "table.md"), table)
+    files.atomic_write(os.path.join(FLAGS.results, "report.md"), report)
     print(report)
 
 

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging
@@ -29,7 +28,8 @@ from absl import app, flags, logging
 from experiments import stages
 # --fp_workdir, --out, --epochs and --learning_rate are experiments.quantize's flags.
 from experiments.quantize import FLAGS
-from experiments.stages import allocations, run_qat, write_atomic
+from experiments.stages import allocations, read_cache, run_qat
+from grassq import files
 
 FLAGS.set_default("out", "results/mixed")
 flags.DEFINE_list("budgets", ["bops:low", "bops:medium", "bops:high", "size:medium"],
@@ -70,8 +70,7 @@ def plot(rows, uniform, out, order):
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "pareto.png"), dpi=120)
-  plt.close(fig)
+  stages.save_figure(fig, os.path.join(out, "pareto.png"), dpi=120)
 
   stages.plot_bits([r["scheme"] for r in rows], [r["bits"] for r in rows], order,
                    os.path.join(out, "bits.png"))
@@ -106,11 +105,10 @@ def main(argv):
                       random_seed=0)
 
   uniform = []
-  if os.path.exists(FLAGS.uniform):
-    with open(FLAGS.uniform) as f:
-      u = json.load(f)
-    if u.get("fp_workdir") == FLAGS.fp_workdir:
-      uniform = [r for r in u["schemes"] if r["scheme"] in ("w8a8", "w4a4")]
+  u = read_cache(FLAGS.uniform, "results file of experiments.quantize",
+                 "its uniform W8A8/W4A4 points are QAT-trained here instead")
+  if u is not None and u.get("fp_workdir") == FLAGS.fp_workdir:
+    uniform = [r for r in u.get("schemes", []) if r["scheme"] in ("w8a8", "w4a4")]
   for name, (w, a) in (("w8a8", (8, 8)), ("w4a4", (4, 4))):
     if not any(r["scheme"] == name for r in uniform):
       uniform.append(run_qat(name, FLAGS.out, FLAGS.fp_workdir,
@@ -129,7 +127,7 @@ def main(argv):
 
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], rows=rows,
                  uniform=uniform, negative_traces=sens["negative_traces"])
-  write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  files.write_json(os.path.join(FLAGS.out, "results.json"), results, indent=1)
   lines = ["| configuration | layers at 4 bit | fake-quant acc. (%) | integer-only acc. (%) | "
            "integer = fake-quant top-1 (%) | size (MiB) | GBOPs |", "|---|---|---|---|---|---|---|"]
   for r in sorted(uniform, key=lambda r: -r["gbops"])[:1] + rows + \
@@ -144,7 +142,7 @@ def main(argv):
                  f"{r['size_mib']:.4f} | {r['gbops']:.3f} |")
   table = (f"FP32: {100 * fp['accuracy']:.2f}% ({FLAGS.fp_workdir}); QAT {FLAGS.epochs:g} epoch(s) "
            f"per row; first conv and classifier at 8 bits.\n\n" + "\n".join(lines) + "\n")
-  write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  files.atomic_write(os.path.join(FLAGS.out, "table.md"), table)
   from grassq.quant import qresnet
 
   plot(rows, uniform, FLAGS.out, qresnet.layer_names(qresnet.quantized(model), spec.image_shape))

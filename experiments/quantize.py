@@ -13,12 +13,12 @@ LSBs (``OUT/layers_SCHEME.json`` has every layer's), model size and BOPs.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging
 
-from experiments.stages import run_qat, write_atomic
+from experiments.stages import read_cache, run_qat
+from grassq import files
 
 flags.DEFINE_string("fp_workdir", "runs/fmnist_resnet20", "Float run to quantize.")
 flags.DEFINE_string("out", "results/quant", "Output directory.")
@@ -56,16 +56,14 @@ def main(argv):
     raise app.UsageError(f"unknown schemes {sorted(unknown)}; available: {list(SCHEMES)}")
   path = os.path.join(FLAGS.out, "results.json")
   done = {}
-  if os.path.exists(path):  # keep the rows of schemes not run this time
-    with open(path) as f:
-      old = json.load(f)
-    if old.get("fp_workdir") == FLAGS.fp_workdir:
-      done = {r["scheme"]: r for r in old["schemes"]}
+  old = read_cache(path, "results file", "the rows of schemes not run this time are dropped")
+  if old is not None and old.get("fp_workdir") == FLAGS.fp_workdir:  # keep the other rows
+    done = {r["scheme"]: r for r in old.get("schemes", [])}
   for s in FLAGS.schemes:
     done[s] = run_scheme(s, SCHEMES[s], FLAGS.out)
   rows = [done[s] for s in SCHEMES if s in done]
   results = dict(fp_workdir=FLAGS.fp_workdir, fp32_accuracy=fp["accuracy"], schemes=rows)
-  write_atomic(os.path.join(FLAGS.out, "results.json"), json.dumps(results, indent=1))
+  files.write_json(os.path.join(FLAGS.out, "results.json"), results, indent=1)
   lines = ["| scheme | QAT epochs | FP32 acc. (%) | fake-quant acc. (%) | integer-only acc. (%) | "
            "integer = fake-quant top-1 (%) | largest activation Δ, LSB (layer) | size (MiB) | GBOPs |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -75,7 +73,7 @@ def main(argv):
                  f"{100 * r['integer_vs_fake_agreement']:.2f} | {_lsb(r)} | {r['size_mib']:.4f} "
                  f"(FP32 {r['size_fp32_mib']:.4f}) | {r['gbops']:.3f} (FP32 {r['gbops_fp32']:.2f}) |")
   table = "\n".join(lines) + "\n"
-  write_atomic(os.path.join(FLAGS.out, "table.md"), table)
+  files.atomic_write(os.path.join(FLAGS.out, "table.md"), table)
   print(table)
 
 

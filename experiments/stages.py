@@ -4,36 +4,78 @@
 thin drivers over these: QAT fine-tuning of a float run followed by integer-only evaluation
 (`run_qat`), Hessian-trace sensitivities (`hessian_sensitivity`), ILP bit allocations
 (`allocations`) and the TVM build with its bit-exact check on the test set
-(`deploy_and_check`, also behind `experiments.deploy`). Every file they write is written
-atomically.
+(`deploy_and_check`, also behind `experiments.deploy`). Every file they write goes through
+`grassq.files` (atomic: a kill leaves the old file or the new one); a stage cache that cannot be
+read is recomputed (`read_cache`, `cached`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from grassq import files
 
 BITS = (4, 8)  # the bit-widths the mixed-precision ILP chooses from
 
 
-def write_atomic(path: str, text: str | bytes) -> None:
-  """Writes `text` (str or bytes) to `path` through a temporary file in the same directory."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+def read_cache(path: str, what: str = "stage cache", remedy: str = "it is recomputed"):
+  """The JSON object in `path`, or None when there is none or it cannot be read.
+
+  An unreadable file (truncated by a kill or a full disk, edited, not a JSON object) is not an
+  error: a warning naming it is printed and the caller recomputes what it held.
+
+  Args:
+    path: the JSON file.
+    what, remedy: for the warning ("stage cache runs/main/w8a8.json is not valid JSON ...:
+      it is recomputed").
+
+  Returns:
+    the parsed dict, or None.
+  """
+  if not files.exists(path):
+    return None
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+    value = files.read_json(path, what, remedy)
+  except (ValueError, OSError) as e:  # CorruptFileError, or a file that is not UTF-8
+    print(f"warning: {e}" if isinstance(e, files.CorruptFileError) else
+          f"warning: {what} {path} cannot be read ({type(e).__name__}: {e}): {remedy}", flush=True)
+    return None
+  if not isinstance(value, dict):
+    print(f"warning: {what} {path} holds a JSON {type(value).__name__}, not an object: {remedy}",
+          flush=True)
+    return None
+  return value
+
+
+def cached(path: str, key: Any, fn: Callable[[], Any]) -> Any:
+  """fn()'s JSON result, reused from `path` when it was computed with the same `key` (JSON).
+
+  A missing or unreadable cache, or one written for another key, is recomputed and rewritten
+  atomically as ``{"key": key, "value": fn()}``.
+  """
+  saved = read_cache(path)
+  if saved is not None and "value" in saved and saved.get("key") == json.loads(json.dumps(key)):
+    print(f"reusing {path}")
+    return saved["value"]
+  value = fn()
+  files.write_json(path, {"key": key, "value": value}, indent=1)
+  return value
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> None:
+  """Writes a matplotlib figure to `path` atomically (format from the suffix) and closes it."""
+  import matplotlib.pyplot as plt
+
+  try:
+    with files.atomic_path(path, os.path.splitext(path)[1]) as tmp:
+      fig.savefig(tmp, **savefig_kwargs)
+  finally:
+    plt.close(fig)
 
 
 def size_and_bops(qat_model, fp_model, image_shape):
@@ -85,7 +127,7 @@ def run_qat(name, out, fp_workdir, quant, epochs, learning_rate, eval_limit=None
   acts = {k: v for k, v in rep["layers"].items() if v["bits"] <= 8}
   worst = max(acts, key=lambda k: (acts[k]["max_lsb"], acts[k]["mean_lsb"]))
   layers = {k: v for k, v in rep.items() if k not in ("integer_pred", "fake_pred")}
-  write_atomic(os.path.join(out, f"layers_{name}.json"), json.dumps(layers, indent=1))
+  files.write_json(os.path.join(out, f"layers_{name}.json"), layers, indent=1)
   row = dict(scheme=name, epochs=epochs, eval_images=int(len(labels)),
              fake_quant_accuracy=float(np.mean(fake_pred == labels)),
              integer_accuracy=float(np.mean(int_pred == labels)),
@@ -132,12 +174,11 @@ def hessian_sensitivity(path, fp_workdir, *, batches=4, batch_size=128, tol=0.05
 
   from grassq import data, mixed, train
 
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached.get("fp_workdir") == fp_workdir:
-      print(f"reusing {path}")
-      return cached
+  saved = read_cache(path, "Hessian trace cache")
+  if (saved is not None and saved.get("fp_workdir") == fp_workdir
+      and {"sensitivity", "negative_traces"} <= set(saved)):
+    print(f"reusing {path}")
+    return saved
   model, variables, config = train.load_checkpoint(fp_workdir)
   spec = data.get_spec(config.dataset)
   images, labels = data.load_arrays(config.dataset, spec.train_split, config.data_dir)
@@ -158,7 +199,7 @@ def hessian_sensitivity(path, fp_workdir, *, batches=4, batch_size=128, tol=0.05
               for k, t in traces.items()},
       sensitivity={k: {str(b): v for b, v in o.items()} for k, o in clipped.items()},
       negative_traces=[k for k, t in traces.items() if t.trace_per_param < 0])
-  write_atomic(path, json.dumps(result, indent=1))
+  files.write_json(path, result, indent=1)
   return result
 
 
@@ -208,10 +249,7 @@ def plot_bits(labels, bit_dicts, order, path):
               color="black" if b == 8 else "white")
   ax.set_title("bits per layer (weights and the activations each layer reads)")
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  write_atomic(path, buf.getvalue())
+  save_figure(fig, path, format="png", dpi=120)
 
 
 # ----------------------------------------------------------------------------- TVM

@@ -74,6 +74,19 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def _umask() -> int:
+  """The process umask, read without changing it where Linux allows (os.umask can only be read
+  by setting it, which races with other threads creating files)."""
+  with contextlib.suppress(OSError, ValueError):
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def _fsync_dir(path: str) -> None:
   with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
     fd = os.open(path, os.O_RDONLY)
@@ -106,6 +119,8 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     else:
       with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+      # mkstemp makes 0600 files; give the published one what open() would have (0666 & ~umask)
+      os.chmod(tmp, 0o666 & ~_umask())
       os.replace(tmp, path)
       _fsync_dir(parent)
   finally:
@@ -126,19 +141,24 @@ def write_json(path: str, obj: Any, **dump_kwargs) -> None:
   atomic_write(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 
-def read_text(path: str) -> str:
+def read_bytes(path: str) -> bytes:
   if is_remote(path):
-    return _epath(path).read_text()
-  with open(path) as f:
+    return _epath(path).read_bytes()
+  with open(path, "rb") as f:
     return f.read()
+
+
+def read_text(path: str) -> str:
+  """The file's text (UTF-8)."""
+  return read_bytes(path).decode()
 
 
 def read_json(path: str, what: str = "file", remedy: str = "") -> Any:
   """Parses JSON file `path`; a file that is not valid JSON raises `CorruptFileError` naming
   it, `what` it is and the `remedy` (e.g. "delete it to recompute it")."""
-  text = read_text(path)
+  data = read_bytes(path)
   try:
-    return json.loads(text)
+    return json.loads(data.decode())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     msg = f"{what} {path} is not valid JSON ({e}); it was truncated or damaged"
     raise CorruptFileError(msg + (f": {remedy}" if remedy else "")) from None

@@ -280,7 +280,8 @@ def test_save_load_round_trip(w4a8_gcr, tmp_path):
   path = tmp_path / "models" / "w4a8.so"
   deploy.save(module, str(path))
   deploy.save(module, str(path))  # replaces it
-  assert sorted(os.listdir(path.parent)) == ["w4a8.so"]  # no temporary files left behind
+  # the library and its SHA-256, no temporary files left behind
+  assert sorted(os.listdir(path.parent)) == ["w4a8.so", "w4a8.so.sha256"]
   back = deploy.load(str(path))
   assert back.input_shape == (BATCH, *IMAGE) and back.output_shape == (BATCH, 5)
   rng, seed = fresh_rng()
@@ -317,7 +318,98 @@ def test_saved_module_runs_on_tvm_runtime_alone(w4a8_gcr, tmp_path):
                   str(tmp_path / "y.npy")], check=True, env=env, timeout=300)
   np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(P.run(prog, x)),
                                 err_msg=f"seed {seed}")
-  assert sorted(os.listdir(tmp_path)) == ["w4a8.so", "x.npy", "y.npy"]  # no temporaries left
+  # no temporaries left
+  assert sorted(os.listdir(tmp_path)) == ["w4a8.so", "w4a8.so.sha256", "x.npy", "y.npy"]
+
+
+def elf_section(data: bytes, name: str):
+  """(offset, size) of the section `name` of a little-endian ELF64 file's bytes."""
+  import struct
+
+  assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not a little-endian ELF64"
+  (shoff,) = struct.unpack_from("<Q", data, 0x28)
+  shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+  # each header: sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, ...
+  headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+  headers = [(h[0], h[4], h[5]) for h in headers]  # (name offset, file offset, size)
+  strings = headers[shstrndx][1]
+  for name_at, offset, size in headers:
+    start = strings + name_at
+    if data[start:data.index(b"\0", start)].decode() == name:
+      return offset, size
+  raise KeyError(f"no ELF section {name}")
+
+
+CORRUPT_LOAD = """
+import json, sys
+import tvm
+assert tvm.base._RUNTIME_ONLY, "TVM's compiler library was loaded"
+from grassq import deploy, files
+mapped = []
+load_module = tvm.runtime.load_module
+tvm.runtime.load_module = lambda path, *a: mapped.append(path) or load_module(path, *a)
+out = {}
+for path in sys.argv[2:]:
+  try:
+    deploy.load(path)
+    out[path] = "loaded"
+  except files.CorruptFileError as e:
+    out[path] = str(e)
+  assert not mapped, f"{path} was mapped"
+deploy.load(sys.argv[1])  # the intact library: mapped through the wrapper, so it saw them all
+assert mapped == [sys.argv[1]], mapped
+print(json.dumps(out))
+"""
+
+
+def test_damaged_module_is_refused_before_it_is_mapped(w4a8_gcr, tmp_path):
+  """Issue 15, defect 7: a library cut to 10 % (SIGBUS in TVM's loader), 16 bytes flipped in
+  .rodata (ran and returned wrong logits) or .text (SIGILL) or anywhere, a missing or damaged
+  checksum file: each refused with CorruptFileError before TVM maps it, in a runtime-only TVM
+  (a subprocess, so a regression that crashes cannot take pytest down)."""
+  import hashlib
+  import json
+  import subprocess
+
+  _, module = w4a8_gcr
+  good = tmp_path / "good.so"
+  deploy.save(module, str(good))
+  data = good.read_bytes()
+  record = (tmp_path / "good.so.sha256").read_text()
+  assert record.split() == [hashlib.sha256(data).hexdigest(), "good.so"]
+
+  def flipped(at):
+    b = bytearray(data)
+    b[at:at + 16] = bytes(x ^ 0xFF for x in b[at:at + 16])
+    return bytes(b)
+
+  rodata, text = elf_section(data, ".rodata"), elf_section(data, ".text")
+  bad = {"truncated": data[:len(data) // 10],
+         "rodata": flipped(rodata[0] + rodata[1] // 2), "text": flipped(text[0] + text[1] // 2),
+         "middle": flipped(len(data) // 2), "unrecorded": data, "bad_record": data}
+  paths = {}
+  for name, blob in bad.items():
+    path = tmp_path / f"{name}.so"
+    path.write_bytes(blob)
+    if name == "bad_record":
+      (tmp_path / f"{name}.so.sha256").write_text("0123 not a digest\n")
+    elif name != "unrecorded":
+      (tmp_path / f"{name}.so.sha256").write_text(record)
+    paths[name] = str(path)
+  env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+  r = subprocess.run([sys.executable, "-c", CORRUPT_LOAD, str(good), *paths.values()], env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, f"returncode {r.returncode}: {r.stderr[-3000:]}"
+  refused = json.loads(r.stdout.strip().splitlines()[-1])
+  for name, path in paths.items():
+    msg = refused[path]
+    assert path in msg and "was not loaded" in msg and "again" in msg, (name, msg)
+    if name == "unrecorded":
+      assert "no checksum file" in msg, msg
+    elif name == "bad_record":
+      assert "damaged" in msg, msg
+    else:
+      assert "does not match its recorded SHA-256" in msg, (name, msg)
 
 
 def test_cuda_module_is_cross_compiled_without_a_gpu(tmp_path):
@@ -334,7 +426,7 @@ def test_cuda_module_is_cross_compiled_without_a_gpu(tmp_path):
       deploy.load(str(path), "cuda")
   with pytest.raises(ValueError, match="use llvm or cuda"):
     deploy.export(prog, str(tmp_path / "x.so"), {"kind": "opencl"}, 2)
-  assert sorted(os.listdir(tmp_path)) == ["t4.so"]
+  assert sorted(os.listdir(tmp_path)) == ["t4.so", "t4.so.sha256"]
 
 
 def test_tvm_uses_every_physical_core_unless_told_otherwise():
@@ -459,7 +551,8 @@ def test_deploy_and_check_reports_bit_exactness_accuracy_and_latency(w4a8_gcr, t
   assert r["eval_images"] == 13 and r["accuracy_tvm"] == r["accuracy_int"]
   want = np.asarray(P.run(prog, P.quantize_input(prog, images))).argmax(-1)
   assert r["accuracy_int"] == np.mean(want == labels)
-  assert sorted(os.listdir(tmp_path / "modules")) == ["w4a8.so", "w4a8_b8.so"]
+  assert sorted(os.listdir(tmp_path / "modules")) == ["w4a8.so", "w4a8.so.sha256", "w4a8_b8.so",
+                                                       "w4a8_b8.so.sha256"]
   assert r["module_path"] == str(tmp_path / "modules" / "w4a8.so")
   assert deploy.load(r["module_path"]).input_shape == (1, *IMAGE)
   for path in ("tvm", "interpreter"):

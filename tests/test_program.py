@@ -1,12 +1,15 @@
 """The integer program: conversion from a calibrated QAT ResNet, the int32 interpreter, save/load."""
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grassq import files
 from grassq.models import create_model
 from grassq.quant import program as P
 from grassq.quant import qresnet
@@ -87,6 +90,55 @@ def test_save_load_round_trip(w8a8, tmp_path):
   np.testing.assert_array_equal(P.run(back, x), fn(P.program_arrays(prog), x))
   with pytest.raises(FileNotFoundError):
     P.load(str(tmp_path / "nothing"))
+  assert sorted(os.listdir(tmp_path)) == ["prog"]  # no temporary directories left behind
+  assert sorted(os.listdir(tmp_path / "prog")) == ["arrays", "program.json"]
+  P.save(prog, "file://" + str(tmp_path / "url"))  # URLs are not mangled into cwd paths
+  np.testing.assert_array_equal(P.run(P.load("file://" + str(tmp_path / "url")), x),
+                                P.run(back, x))
+
+
+def test_damaged_saved_program_is_refused_naming_file_op_and_array(w8a8, tmp_path):
+  """Issue 15 item 6: a truncated program.json names the file and what to do (not a bare
+  JSONDecodeError); a description listing an array that was not saved names the op and the
+  array (not KeyError: 'scale2')."""
+  _, _, prog, _ = w8a8
+  path = tmp_path / "prog"
+  P.save(prog, str(path))
+  meta = path / "program.json"
+  text = meta.read_text()
+  meta.write_text(text[:len(text) // 2])
+  with pytest.raises(files.CorruptFileError, match=r"prog/program\.json is not valid JSON.*"
+                     r"save the program again"):
+    P.load(str(path))
+  d = json.loads(text)
+  i = next(j for j, o in enumerate(d["ops"]) if o["name"] == "stage2_block0/act1")
+  d["ops"][i]["arrays"].append("scale2")
+  meta.write_text(json.dumps(d))
+  with pytest.raises(files.CorruptFileError,
+                     match=rf"op {i} 'stage2_block0/act1' \(requantize\) lists array\(s\) "
+                           r"'scale2', which is not among the saved arrays"):
+    P.load(str(path))
+  del d["ops"][i]["arrays"][-1], d["ops"][i]["attrs"]["bits"]
+  meta.write_text(json.dumps(d))
+  with pytest.raises(ValueError, match=r"stage2_block0/act1 \(requantize\): malformed.*'bits'"):
+    P.load(str(path))
+
+
+def test_program_saved_before_relu_and_proj_max_loads_and_runs_as_before(w8a8, tmp_path):
+  """Old programs have no ``relu`` (False) or ``proj_max`` attributes; they still load, pass
+  the bound checks and compute what they did (here: unsigned activations, where the clamp at
+  0 is the same)."""
+  _, _, prog, fn = w8a8
+  path = tmp_path / "old"
+  P.save(prog, str(path))
+  d = json.loads((path / "program.json").read_text())
+  for o in d["ops"]:
+    o["attrs"].pop("relu", None)
+  (path / "program.json").write_text(json.dumps(d))
+  back = P.load(str(path))
+  assert not any("relu" in op.attrs for op in back.ops)
+  x = P.quantize_input(prog, jax.random.normal(jax.random.key(4), (4, 28, 28, 1)))
+  np.testing.assert_array_equal(P.run(back, x), fn(P.program_arrays(prog), x))
 
 
 def test_mixed_int4_program_runs_and_packs_weights():

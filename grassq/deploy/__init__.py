@@ -3,8 +3,9 @@
 `to_relax(program, input_shape)` lowers a `grassq.quant.program.IntegerProgram` to a Relax
 IRModule with explicit integer ops; `build(program, target, input_shape)` compiles it and returns
 a callable over numpy arrays (int8 images -> int32 logits), bit for bit as
-`grassq.quant.program.run`; `save`/`load` write and read compiled modules, and `export`
-compiles one for a device this machine lacks (a T4 module on a CPU-only machine). On a CPU with
+`grassq.quant.program.run`; `save`/`load` write and read compiled modules (a SHA-256 beside
+each, checked before the library is mapped), and `export` compiles one for a device this
+machine lacks (a T4 module on a CPU-only machine). On a CPU with
 AVX-512 VNNI the convolutions run in NCHW16c, tensorized with ``vpdpbusd`` by a hand schedule
 (`grassq.deploy.vnni`, no tuning; MetaSchedule tuning is optional). `cuda_source` generates the
 CUDA kernels for a T4 (sm_75) without a GPU. `latency_table` times every quantizable layer at

@@ -13,24 +13,27 @@ bit as `grassq.quant.program.run`. Targets are TVM target dicts:
   (else a RuntimeError), `export` does not: it cross-compiles on any machine. `cuda_source`
   shows the kernels (and `cuda_ptx` compiles them with nvcc).
 
-`save(module, path)` writes a built module as one shared library (a temporary file renamed into
-place); `export(program, path, target, input_shape)` compiles and writes one without running it,
-so a GPU module can be made on a CPU-only machine; `load(path, device)` reads either back with
-TVM's runtime alone (the machine that runs it needs no TVM compiler, LLVM or nvcc: a CUDA
-module's kernels are compiled by NVRTC when it is loaded).
+`save(module, path)` writes a built module as one shared library (atomically, by
+`grassq.files.atomic_path`) and its SHA-256 beside it (``path.sha256``); `export(program, path,
+target, input_shape)` compiles and writes one the same way without running it, so a GPU module
+can be made on a CPU-only machine; `load(path, device)` checks the SHA-256 before the library is
+mapped (a truncated or modified library can kill the process with SIGBUS or SIGILL, or run and
+return wrong logits) and reads it with TVM's runtime alone (the machine that runs it needs no TVM
+compiler, LLVM or nvcc: a CUDA module's kernels are compiled by NVRTC when it is loaded).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from grassq import files
 from grassq.deploy.relax import INPUT_DTYPE, require_tvm, require_tvm_runtime, to_relax
+# re-exported: grassq.deploy.onnx_export writes through it
+from grassq.files import atomic_path  # noqa: F401
 
 GENERIC_TARGET = {"kind": "llvm"}
 CUDA_T4_TARGET = {"kind": "cuda", "arch": "sm_75"}
@@ -237,13 +240,13 @@ def export(program, path: str, target: Mapping[str, Any] | None = None,
 
   This is how a T4 module is made on a CPU-only machine: ``export(program, "r20_t4.so",
   CUDA_T4_TARGET, 8)`` here, then ``load("r20_t4.so", "cuda")`` on the GPU machine, which needs
-  only TVM's runtime (its NVRTC compiles the kernels at load time).
+  only TVM's runtime (its NVRTC compiles the kernels at load time). Copy ``r20_t4.so.sha256``
+  (its SHA-256, checked by `load`) along with it.
   """
   target = _target(target)
   _check_kind(target.kind.name)
   executable = _compile(program, target, input_shape, **build_kwargs)
-  with atomic_path(path, ".so") as tmp:
-    executable.export_library(tmp)
+  _write_library(executable, path)
 
 
 def default_layout(target) -> str:
@@ -271,39 +274,51 @@ def compile_relax(mod, target, *, schedule: bool = True, tune_dir: str | None = 
   return tvm.compile(mod, target)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ""):
-  """Yields a temporary file name beside `path`; renames it onto `path` when the block ends
-  without an exception, and removes it otherwise: a reader never sees half a file."""
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".grassq-tmp-", suffix=suffix)
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
+def _write_library(executable, path: str) -> None:
+  """The shared library, atomically, then its SHA-256 beside it (``path.sha256``). A kill
+  between the two leaves a library whose record is missing or stale: `load` refuses it."""
+  with files.atomic_path(path, ".so") as tmp:
+    executable.export_library(tmp)
+  files.write_checksum(path)
 
 
 def save(module: Deployed, path: str) -> None:
   """Writes the compiled module to `path` as one shared library (needs a C compiler to link),
-  atomically."""
-  with atomic_path(path, ".so") as tmp:
-    module.executable.export_library(tmp)
+  atomically, and its SHA-256 to ``path + ".sha256"`` (`grassq.files.write_checksum`)."""
+  _write_library(module.executable, path)
 
 
 def load(path: str, device: str = "cpu") -> Deployed:
-  """Reads a module written by `save` or `export`; ``device`` is "cpu" or "cuda". Needs only
-  TVM's runtime."""
+  """Reads a module written by `save` or `export`, with TVM's runtime alone.
+
+  The library's SHA-256 is checked against the one `save` / `export` wrote beside it before
+  TVM maps the library: a damaged library is never run (cut short, it kills the process with
+  SIGBUS; with flipped bytes it can run and return wrong logits, or die of SIGILL).
+
+  Args:
+    path: the ``.so`` file; ``path + ".sha256"`` must be beside it.
+    device: "cpu" or "cuda".
+
+  Returns:
+    a `Deployed` module.
+
+  Raises:
+    FileNotFoundError: no file at `path`. grassq.files.CorruptFileError: the library does not
+      match its recorded SHA-256, or the record is missing or damaged (save or export it
+      again). RuntimeError: "cuda" on a machine without a CUDA device.
+  """
   tvm = require_tvm_runtime()
   if not os.path.exists(path):
     raise FileNotFoundError(f"no compiled module at {path}")
   kind = {"cpu": "llvm", "llvm": "llvm", "cuda": "cuda"}.get(device)
   if kind is None:
     raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
+  try:
+    files.verify_checksum(path, "compiled module")
+  except files.CorruptFileError as e:
+    raise files.CorruptFileError(
+        f"{e} (grassq.deploy.save or grassq.deploy.export). It was not loaded: a damaged "
+        "library can crash the process or compute wrong logits.") from None
   dev = _device(kind)  # before loading: a CUDA module needs the CUDA runtime's loader
   return Deployed(tvm.runtime.load_module(path), dev)
 

@@ -16,6 +16,10 @@ onnxruntime multiplies in float32 and rounds half to even where the program mult
 and rounds half up, so the two are close (a few LSBs), not bit-exact: use this as a speed and
 accuracy peer, never for the exactness checks (those are TVM's).
 
+Clamps are the program's own (`grassq.quant.program.requantize_range`: a requantization that
+records ``relu`` clamps at 0, also when signed; the Grassmann head's projections are clamped to
+±``proj_max`` by `projection_range`), read, never re-inferred.
+
 The graph takes the program's int8 input, NHWC ``x: int8 (B, H, W, C)`` (`program.quantize_input`
 of the images), transposes it to NCHW, and returns ``logits: int32 (B, num_classes)`` at
 ``program.output_scale``, as `grassq.quant.program.run`. Unsigned tensors are uint8, signed ones
@@ -35,6 +39,8 @@ a function is called.
 from __future__ import annotations
 
 import numpy as np
+
+from grassq.quant.program import projection_range, requantize_range
 
 ONNX_OPSET = 21
 IR_VERSION = 10  # opset 21's; newer onnx packages write IRs that older onnxruntimes refuse
@@ -196,8 +202,9 @@ class _IntLowering:
     s = np.asarray(scale, np.float64)
     return self.g.const(s if s.ndim else float(s), np.float32, hint), s.ndim > 0
 
-  def clip_q(self, name, dtype, zp, bits, signed):
+  def clip_q(self, name, dtype, zp, bits, signed, relu=False):
     lo, hi = (-(2**(bits - 1)), 2**(bits - 1) - 1) if signed else (0, 2**bits - 1)
+    lo = max(lo, 0) if relu else lo
     info = np.iinfo(dtype)
     lo, hi = max(lo + zp, info.min), min(hi + zp, info.max)
     if (lo, hi) == (info.min, info.max):
@@ -224,12 +231,12 @@ class _IntLowering:
     return _F(self.g.node("Add", [f.name, self.offset_const(f.offset, f.rank)], "bias"), None,
               f.rank)
 
-  def to_q(self, t, dtype, zp, bits, signed) -> _Q:
-    if isinstance(t, _Q) and t.dtype == dtype and t.zp == zp:
+  def to_q(self, t, dtype, zp, bits, signed, relu=False) -> _Q:
+    if isinstance(t, _Q) and t.dtype == dtype and t.zp == zp and not relu:
       return t
     f = self.to_float(t)
     q = self.g.node("QuantizeLinear", [f.name, self.one, self.zp_const(dtype, zp)], "q")
-    return _Q(self.clip_q(q, dtype, zp, bits, signed), dtype, zp, t.rank)
+    return _Q(self.clip_q(q, dtype, zp, bits, signed, relu), dtype, zp, t.rank)
 
   # -- ops
   def lower(self):
@@ -275,7 +282,8 @@ class _IntLowering:
           self.g.const(ratio, np.float32, rq.name + "/ratio"),
           self.g.const(np.zeros(cout), np.int8, "wzp"), self.one, self.zp_const(x.dtype, zp),
           self.g.const(op.arrays["bias"], np.int32, op.name + "/b")], op.name, **attrs)
-      env[rq.output] = _Q(self.clip_q(y, x.dtype, zp, bits, signed), x.dtype, zp, 4)
+      relu = requantize_range(rq)[0] >= 0 and signed  # the ReLU of a signed quantizer
+      env[rq.output] = _Q(self.clip_q(y, x.dtype, zp, bits, signed, relu), x.dtype, zp, 4)
       return
     # onnxruntime's ConvInteger is ~6x faster with uint8 weights (w + 128, zero point 128; still
     # exact) than with int8 ones (measured with onnxruntime 1.30)
@@ -294,6 +302,8 @@ class _IntLowering:
   def op_requantize(self, op, env):
     x, r = env[op.inputs[0]], _ratio(op)
     bits, signed, saturate = op.attrs["bits"], op.attrs["signed"], op.attrs["saturate"]
+    lo, hi = requantize_range(op)  # the clamp the program records (``relu`` included)
+    relu = lo >= 0 and signed
     if isinstance(x, _Q):
       scale, per_axis = self.scale_const(r)
       n = r.size if per_axis else None
@@ -310,7 +320,7 @@ class _IntLowering:
       scale, per_axis = self.scale_const(1.0 / r)
       q = self.g.node("QuantizeLinear", [x.name, scale, self.zp_const(
           dtype, zp, r.size if per_axis else None)], op.name, **(dict(axis=1) if per_axis else {}))
-      env[op.output] = _Q(self.clip_q(q, dtype, zp, bits, signed), dtype, zp, x.rank)
+      env[op.output] = _Q(self.clip_q(q, dtype, zp, bits, signed, relu), dtype, zp, x.rank)
       return
     else:
       name = x.name
@@ -319,15 +329,14 @@ class _IntLowering:
             np.asarray(r, np.float32).reshape(_channel_shape(x.rank) if r.ndim else ()),
             np.float32, "ratio")], op.name)
       f = _F(name, None if x.offset is None else x.offset * r, x.rank)
-    if not saturate:
+    if not saturate and lo < 0:
       env[op.output] = f
-    elif bits <= 8:
+    elif saturate and bits <= 8:
       dtype, zp = _natural(signed)
-      env[op.output] = self.to_q(f, dtype, zp, bits, signed)
+      env[op.output] = self.to_q(f, dtype, zp, bits, signed, relu)
     else:
       f = self.to_float(f)
-      if bits < 32:
-        lo, hi = (-(2**(bits - 1)), 2**(bits - 1) - 1) if signed else (0, 2**bits - 1)
+      if bits < 32 or lo >= 0:
         f = _F(self.g.node("Clip", [f.name, self.g.const(lo, np.float32),
                                     self.g.const(hi, np.float32)], "clip"), None, f.rank)
       env[op.output] = f
@@ -392,9 +401,9 @@ class _IntLowering:
     scale, per_axis = self.scale_const(_ratio(op))
     p = self.g.node("DequantizeLinear", [acc, scale], "proj",
                     **(dict(axis=1) if per_axis else {}))
-    qmax = 2**(a["proj_bits"] - 1) - 1
-    p = self.g.node("Clip", [self.g.node("Round", [p]), self.g.const(-qmax - 1, np.float32),
-                             self.g.const(qmax, np.float32)], "clip")
+    p_lo, p_hi = projection_range(op)  # ±proj_max
+    p = self.g.node("Clip", [self.g.node("Round", [p]), self.g.const(p_lo, np.float32),
+                             self.g.const(p_hi, np.float32)], "clip")
     p = self.g.node("Reshape", [p, self.g.const([0, a["num_classes"], a["subspace_dim"]],
                                                 np.int64, "shape")], "per_class")
     double = onnx.TensorProto.DOUBLE
@@ -521,7 +530,7 @@ class _FloatLowering:
   def op_requantize(self, op, xs):
     x = xs[0]
     y = _FF(x.name, x.gain * _ratio(op), x.rank, x.conv, x.nonneg)
-    if op.attrs["saturate"] and not op.attrs["signed"] and not x.nonneg:
+    if requantize_range(op)[0] >= 0 and not x.nonneg:  # unsigned, or a recorded ReLU
       y = _FF(self.g.node("Relu", [x.name], op.name), y.gain, x.rank, x.conv, True)
     return y
 

@@ -9,15 +9,18 @@ QNN dialect, and its int4 dtype gives wrong numbers on llvm):
   weights stay packed two per int8 byte in the module's constants and are unpacked in the graph
   with and/xor/shift (sign extension without overflow); ``tvm.compile`` folds the unpacking.
 * requantize: astype int64, multiply by the per-channel multiplier, add 2^(c−1), arithmetic
-  right shift by c, clamp to the (bits, signed) range (the int32 range when unsaturated), astype
-  int32: (acc·m + 2^(c−1)) >> c exactly, round half up, as `grassq.quant.requantize`.
+  right shift by c, clamp to the (bits, signed) range (the int32 range when unsaturated; the
+  lower end raised to 0 when the op records ``relu``), astype int32: (acc·m + 2^(c−1)) >> c
+  exactly, round half up, as `grassq.quant.requantize`.
 * add: int32 add, clamped once; concat: ``concat`` along channels; max_pool: ``max_pool2d``
   (padding never wins); avg_pool (zero padding, divided by the unpadded count unless
   ``count_include_pad``) and global_avg_pool: int32 window sums and ``floor_divide`` (rounding
   towards −inf).
-* grassmann_head: the projection matmul, requantize to proj_bits, Σp² and Σx² in int32, an exact
-  integer square root, ⌊‖p‖·M / max(‖x‖, 1)⌋. The square root is the one floating-point op in the
-  module: a float64 estimate followed by two exact integer correction steps (see `isqrt`).
+* grassmann_head: the projection matmul, requantize clamped to [−proj_max, proj_max] (the op's
+  symmetric clamp; programs saved without ``proj_max`` keep the signed proj_bits range), Σp²
+  and Σx² in int32, an exact integer square root, ⌊‖p‖·M / max(‖x‖, 1)⌋. The square root is
+  the one floating-point op in the module: a float64 estimate followed by two exact integer
+  correction steps (see `isqrt`).
 
 With ``layout="NCHW16c"`` activations live in 16-channel blocks (N, C/16, H, W, 16), channels
 zero-padded to a multiple of 16 (padded channels meet zero weights and are sliced off before the
@@ -28,6 +31,10 @@ Convolutions on wider inputs stay NHWC ``conv2d`` between layout changes.
 
 A second function ``io_shapes()`` returns the input and output shapes, so a compiled module that
 was saved and loaded still knows what it takes.
+
+The lowering reads every clamp from the program (``relu``, ``proj_max``, ``lo``/``hi``) and forms
+the same int32 intermediates as the interpreter; `grassq.quant.program.value_bounds` proves them
+in range when the program is made or loaded.
 """
 
 from __future__ import annotations
@@ -38,13 +45,13 @@ from typing import Sequence
 
 import numpy as np
 
-from grassq.quant.dyadic import REQUANTIZE_BITS
+from grassq.quant.dyadic import clip_range
+from grassq.quant.program import projection_range, requantize_range
 
 INPUT_DTYPE = "int8"
 LAYOUTS = ("NHWC", "NCHW16c")
 BLOCK = 16
 OUTPUT_DTYPE = "int32"
-_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
 
 
 def physical_cores() -> int:
@@ -99,34 +106,42 @@ def require_tvm_runtime():
   return tvm
 
 
+def _is_int(v):
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def input_shape_of(program, input_shape: Sequence[int] | int | None = None) -> tuple:
-  """The full (B, H, W, C) input shape: `input_shape`, a batch size, or None (batch 1)."""
+  """The full (B, H, W, C) input shape: `input_shape`, a batch size, or None (batch 1).
+
+  Raises:
+    ValueError: a batch size (an int, or the leading entry of a shape) that is not a positive
+      int, or a shape whose other entries are not the program's input shape.
+  """
+  hwc = tuple(program.input_shape)
   if input_shape is None:
     input_shape = 1
-  if isinstance(input_shape, (int, np.integer)):
-    return (int(input_shape),) + tuple(program.input_shape)
-  shape = tuple(int(d) for d in input_shape)
-  if shape[1:] != tuple(program.input_shape) or len(shape) != len(program.input_shape) + 1:
-    raise ValueError(f"input_shape must be (batch, {', '.join(map(str, program.input_shape))}) "
-                     f"for this program; got {shape}")
+  if _is_int(input_shape):
+    shape = (input_shape,) + hwc
+  else:
+    try:
+      shape = tuple(input_shape)
+    except TypeError:
+      raise ValueError(f"input_shape must be a batch size (a positive int) or (batch, "
+                       f"{', '.join(map(str, hwc))}); got {input_shape!r}") from None
+    if not all(_is_int(d) for d in shape):
+      raise ValueError(f"input_shape must hold ints (the batch size a positive int); got "
+                       f"{input_shape!r}")
+    if shape[1:] != hwc or len(shape) != len(hwc) + 1:
+      raise ValueError(f"input_shape must be (batch, {', '.join(map(str, hwc))}) for this "
+                       f"program; got {tuple(int(d) for d in shape)}")
   if shape[0] < 1:
-    raise ValueError(f"batch must be positive; got {shape[0]}")
-  return shape
+    raise ValueError(f"batch size must be a positive int; got {int(shape[0])}")
+  return tuple(int(d) for d in shape)
 
 
-def _bounds(bits, signed, saturate):
-  """[lo, hi] of a requantized output (the rule of `grassq.quant.requantize`)."""
-  if isinstance(bits, bool) or bits not in REQUANTIZE_BITS:
-    raise ValueError(f"requantize supports bits in {REQUANTIZE_BITS}; got {bits!r}")
-  if not saturate:
-    return _INT32_MIN, _INT32_MAX
-  if bits == 32:
-    if not signed:
-      raise ValueError("requantize: unsigned 32-bit output does not fit int32")
-    return _INT32_MIN, _INT32_MAX
-  if signed:
-    return -2**(bits - 1), 2**(bits - 1) - 1
-  return 0, 2**bits - 1
+def _bounds(bits, signed, saturate, relu=False):
+  """[lo, hi] of a requantized output: `grassq.quant.dyadic.clip_range`, the one rule."""
+  return clip_range(bits, signed, saturate, relu)
 
 
 def _ndim(x):
@@ -238,14 +253,15 @@ class _Lowering:
       return self.unpack_int4(w, op.attrs["cout"])
     return w
 
-  def requantize(self, acc, multiplier, shift, bits, signed, saturate=True, name=None):
-    """(acc·m + 2^(c−1)) >> c in int64, clamped to [lo, hi], as int32."""
+  def requantize(self, acc, multiplier, shift, bits, signed, saturate=True, name=None,
+                 relu=False, bounds=None):
+    """(acc·m + 2^(c−1)) >> c in int64, clamped to [lo, hi] (`_bounds`, or `bounds`), as int32."""
     R = self.R
     c = np.asarray(shift, np.int64)
     if c.size and (c.min() < 1 or c.max() > 62):
       raise ValueError(f"requantize {name}: shifts must lie in [1, 62]; got "
                        f"[{c.min()}, {c.max()}]")
-    lo, hi = _bounds(bits, signed, saturate)
+    lo, hi = _bounds(bits, signed, saturate, relu) if bounds is None else bounds
     m = self.channel_array(multiplier, acc, np.int64)
     c = self.channel_array(c, acc, np.int64, fill=1)
     a = R.multiply(R.astype(acc, "int64"), self.const(m, np.int64))
@@ -386,7 +402,7 @@ class _Lowering:
       return self.emit(R.add(acc, self.const(op.arrays["bias"], np.int32)), name)
     if op.kind == "requantize":
       return self.requantize(ins[0], op.arrays["multiplier"], op.arrays["shift"], a["bits"],
-                             a["signed"], a["saturate"], name)
+                             a["signed"], a["saturate"], name, bounds=requantize_range(op))
     if op.kind == "add":
       s = R.add(ins[0], ins[1])
       return self.emit(R.minimum(R.maximum(s, self.const(a["lo"], np.int32)),
@@ -427,7 +443,8 @@ class _Lowering:
     R, a = self.R, op.attrs
     acc = self.emit(R.matmul(self.storage(x, a["in_bits"], a["in_signed"]), self.weight(op),
                              out_dtype="int32"))
-    p = self.requantize(acc, op.arrays["multiplier"], op.arrays["shift"], a["proj_bits"], True)
+    p = self.requantize(acc, op.arrays["multiplier"], op.arrays["shift"], a["proj_bits"], True,
+                        bounds=projection_range(op))
     batch = _dims(x)[0]
     p = self.emit(R.reshape(p, [batch, a["num_classes"], a["subspace_dim"]]))
     norm = self.isqrt(self.emit(R.sum(R.multiply(p, p), axis=[2])))
@@ -456,7 +473,7 @@ def to_relax(program, input_shape: Sequence[int] | int | None = None, layout: st
   Args:
     program: a `grassq.quant.program.IntegerProgram`.
     input_shape: (B, H, W, C) of the int8 input (the output of `program.quantize_input`), or a
-      batch size B; default batch 1.
+      batch size B (a positive int); default batch 1.
     layout: "NHWC" (activations as the interpreter holds them), or "NCHW16c": activations in
       16-channel blocks and ≤8-bit convolutions as uint8 x int8 OIHW4i16o4i `conv2d_nchwc_int8`,
       the layout of x86 VNNI (`grassq.deploy.vnni`). The module's input is NHWC either way.
@@ -495,12 +512,13 @@ def to_relax(program, input_shape: Sequence[int] | int | None = None, layout: st
   return bb.get()
 
 
-def requantize_module(multiplier, shift, bits: int, signed: bool, saturate: bool = True):
+def requantize_module(multiplier, shift, bits: int, signed: bool, saturate: bool = True,
+                      relu: bool = False):
   """A Relax IRModule ``main(acc: int32 (N,)) -> int32 (N,)`` of the requantize op alone.
 
   Args:
     multiplier, shift: int32 arrays (N,) (per element, as per channel in a program).
-    bits, signed, saturate: as in `grassq.quant.requantize`.
+    bits, signed, saturate, relu: as in `grassq.quant.requantize`.
 
   For checking the lowering's rule against `grassq.quant.requantize_reference`.
   """
@@ -514,6 +532,6 @@ def requantize_module(multiplier, shift, bits: int, signed: bool, saturate: bool
   with bb.function("main", [acc]):
     with bb.dataflow():
       out = bb.emit_output(_Lowering(bb, relax).requantize(acc, multiplier, shift, bits, signed,
-                                                           saturate))
+                                                           saturate, relu=relu))
     bb.emit_func_output(out)
   return bb.get()

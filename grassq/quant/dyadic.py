@@ -6,10 +6,13 @@ m / 2^c with an integer multiplier m in [2^30, 2^31 - 1] and a right shift c in
 
     q = (acc * m + 2^(c - 1)) >> c        (exact product, arithmetic shift)
 
-which is round-half-up of acc * m / 2^c. This one rule is used by every back end
-(the JAX interpreter here, TVM's int64 path) and is checked against Python big-int
-arithmetic (`requantize_reference`). It rounds once: gemmlowp's high-multiply
-followed by a rounding shift rounds twice and can differ by 1 LSB.
+which is round-half-up of acc * m / 2^c, then clamped to the output range
+(`clip_range`: the signed/unsigned `bits` range when saturating, its lower end
+raised to 0 with ``relu`` for a signed quantizer that a ReLU precedes). This one
+rule is used by every back end (the JAX interpreter here, TVM's int64 path) and is
+checked against Python big-int arithmetic (`requantize_reference`). It rounds once:
+gemmlowp's high-multiply followed by a rounding shift rounds twice and can differ
+by 1 LSB.
 
 JAX runs with x64 off by default, where int32 products wrap, so `requantize` forms
 the up-to-62-bit product from 16-bit limbs in uint32 arithmetic: no int64 and no
@@ -91,8 +94,22 @@ def dyadic(scale):
   return np.asarray(multiplier, np.int32), np.asarray(shift, np.int32)
 
 
+def clip_range(bits, signed, saturate=True, relu=False):
+  """Static [lo, hi] bounds of a requantized output; validates `bits`.
+
+  Args:
+    bits, signed, saturate: as in `requantize`.
+    relu: raise the lower bound to 0 (a ReLU before the quantizer).
+
+  Returns:
+    (lo, hi) python ints: the signed/unsigned `bits` range when `saturate`, else the
+    int32 range; lo = max(lo, 0) with `relu`.
+  """
+  lo, hi = _clip_range(bits, signed, saturate)
+  return (max(lo, 0), hi) if relu else (lo, hi)
+
+
 def _clip_range(bits, signed, saturate):
-  """Static [lo, hi] bounds of the output; validates `bits`."""
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
     raise ValueError(f"bits must be an int in {REQUANTIZE_BITS}; got {bits!r}")
   bits = int(bits)
@@ -216,7 +233,7 @@ def _requantize_int32(acc, multiplier, shift, lo_bound, hi_bound):
   return jnp.where(fits, clamped, overflow)
 
 
-def requantize(acc, multiplier, shift, bits, signed, saturate=True):
+def requantize(acc, multiplier, shift, bits, signed, saturate=True, relu=False):
   """Integer-only requantization (acc * multiplier + 2^(shift-1)) >> shift.
 
   The product is exact (up to 62 bits, formed from 16-bit limbs without int64)
@@ -238,6 +255,8 @@ def requantize(acc, multiplier, shift, bits, signed, saturate=True):
     saturate: if False (the two branches of a residual add), skip the `bits`
       clamp; results beyond the int32 range are then clamped to
       [-2^31, 2^31 - 1] (never wrapped).
+    relu: clamp below at 0 as well (``max(lo, 0)``): the ReLU that precedes a signed
+      quantizer (HAWQV3's signed 8-bit activations); static.
 
   Returns:
     int32 array of the broadcast shape.
@@ -245,7 +264,7 @@ def requantize(acc, multiplier, shift, bits, signed, saturate=True):
   Raises:
     ValueError: unsupported `bits`, or concrete shifts outside [1, 62].
   """
-  lo_bound, hi_bound = _clip_range(bits, signed, saturate)
+  lo_bound, hi_bound = clip_range(bits, signed, saturate, relu)
   _check_shift(shift)
   acc = _as_int32(acc, "acc")
   multiplier = _as_int32(multiplier, "multiplier")
@@ -254,16 +273,16 @@ def requantize(acc, multiplier, shift, bits, signed, saturate=True):
   return _requantize_int32(acc, multiplier, shift, lo_bound=lo_bound, hi_bound=hi_bound)
 
 
-def requantize_reference(acc, multiplier, shift, bits, signed, saturate=True):
+def requantize_reference(acc, multiplier, shift, bits, signed, saturate=True, relu=False):
   """`requantize` in Python big-int arithmetic, element by element (for tests).
 
   Args:
-    acc, multiplier, shift, bits, signed, saturate: as in `requantize`.
+    acc, multiplier, shift, bits, signed, saturate, relu: as in `requantize`.
 
   Returns:
     numpy int32 array of the broadcast shape.
   """
-  lo_bound, hi_bound = _clip_range(bits, signed, saturate)
+  lo_bound, hi_bound = clip_range(bits, signed, saturate, relu)
   _check_shift(shift)
   a, m, c = np.broadcast_arrays(
       np.asarray(acc, object), np.asarray(multiplier, object), np.asarray(shift, object))

@@ -17,10 +17,14 @@ on integers, and puts a float op in the jaxpr. Unsigned 8-bit activations are
 fed to the same int8 kernel as x ^ 0x80 = x - 128, with 128 * sum_k w[k, :]
 added back (exact, as for x86 VNNI).
 
-int32 arithmetic wraps silently. Whether a layer's worst-case accumulator fits
-int32 is a property of its bit-widths and fan-in, checked on the host once with
-`check_accumulator_fits` (the primitives cannot know, e.g., that an int8 array
-holds int4 values).
+int32 arithmetic wraps silently, and the primitives cannot know the ranges of
+their inputs (e.g. that an int8 array holds int4 values, or how large int32
+values get). An integer program's bounds are proved once on the host, from its
+actual weights and clamps, by `grassq.quant.program.value_bounds` (every
+accumulator, residual add, pool sum and the Grassmann head's norms); `to_program`
+and `program.load` run it. `accumulator_range` / `check_accumulator_fits` give the
+shape-only worst case over all weights of given bit-widths and fan-in (for
+choosing layer shapes and bit-widths before there are weights).
 """
 
 import numpy as np
@@ -150,7 +154,7 @@ def conv2d_int(x, w, strides=(1, 1), padding=((0, 0), (0, 0))):
 
   Returns:
     int32 array (B, Ho, Wo, Cout), exact while the accumulator fits int32 (see
-    `check_accumulator_fits`).
+    `grassq.quant.program.value_bounds`).
 
   Raises:
     ValueError: on rank or channel mismatch (grouped convolution is not supported).
@@ -226,7 +230,7 @@ def add_clamp(a, b, lo, hi):
 
   Args:
     a, b: integer arrays (broadcastable), each within int32; their sum must not
-      overflow int32 (requantized branches are far smaller).
+      overflow int32 (`grassq.quant.program.value_bounds` proves it for a program).
     lo, hi: ints (or int32 arrays) bounding the result.
 
   Returns:
@@ -311,7 +315,8 @@ def global_avg_pool_int(x):
 
   The sum is formed in int32: H * W * max|x| must stay below 2^31 (e.g. 16-bit
   values over a 7x7 map: 2^16 * 49 ~ 2^21.6, ample). Checked when x's dtype is
-  narrower than 32 bits; for int32 inputs it is the caller's bound.
+  narrower than 32 bits; for int32 inputs it is the caller's bound (for a program,
+  `grassq.quant.program.value_bounds` checks it).
 
   Args:
     x: integer array (B, H, W, C) (non-negative after ReLU; negative values are
@@ -477,7 +482,11 @@ def accumulator_bits(fan_in, w_bits, a_bits, a_signed, bias_bound=0):
 
 
 def check_accumulator_fits(fan_in, w_bits, a_bits, a_signed, bias_bound=0, what="layer"):
-  """Raises unless the layer's worst-case accumulator fits int32.
+  """Raises unless the layer's worst-case accumulator fits int32 for any weights.
+
+  A shape-only bound: an integer program is checked from its actual weights by
+  `grassq.quant.program.value_bounds` instead (tighter: it accepts large fan-ins whose
+  weights are small).
 
   Args:
     fan_in, w_bits, a_bits, a_signed, bias_bound: as in `accumulator_range`.

@@ -14,13 +14,23 @@ Op kinds and their semantics (all tensors NHWC, values held in int32 between ops
   signed) storage type first. Attributes ``strides``, ``padding``, ``w_bits``.
 * ``dense``: the same for a matrix product.
 * ``requantize``: (acc·m + 2^(c−1)) >> c per channel, then clamp to (bits, signed) when
-  ``saturate`` (the ReLU of unsigned outputs is this clamp at 0).
+  ``saturate`` (the ReLU of unsigned outputs is this clamp at 0). ``relu`` (default False,
+  also for programs saved before it) records that the QAT model applies a ReLU before this
+  quantizer: the lower clamp is then max(qmin, 0). It is set wherever the model has that ReLU
+  (after every conv + BN that a ReLU follows: ``stem_act``, ``act1``/``act2``, Inception's
+  ``*_act`` and the requantizations of its joins), for unsigned outputs too, where it changes
+  nothing; with HAWQV3's signed 8-bit activations (``hawq_signed8``) it is the ReLU.
+  `requantize_range` reads the clamp from these attributes; every back end uses it.
 * ``add``: int32 add of two requantized (unsaturated) branches, clamped once to [lo, hi].
 * ``concat``: the inputs joined along channels (the last axis), in the order given. Each input
   is already requantized and saturated to the common output scale and to the ``bits``/``signed``
   range named in the attributes (Inception: every branch's accumulator is requantized with its
   own per-channel multipliers to the scale of the quantizer after the block, and the clamp at 0
   is the branch's ReLU; the op is named after that quantizer).
+* ``grassmann_head``: p = requantize(Sᵀx) per basis column (``multiplier``, ``shift``) clamped to
+  [−proj_max, proj_max] (``proj_max`` = 2^(proj_bits−1) − 1, the QAT model's symmetric clamp;
+  programs saved without it keep the signed ``proj_bits`` range), then the int32 logits
+  ⌊isqrt(Σ_k p²)·M / max(isqrt(Σ x²), 1)⌋ with M = ``norm_multiplier``.
 * ``max_pool``, ``avg_pool``, ``global_avg_pool``: integer pools (floor division for averages).
   ``max_pool`` also runs on int32 accumulators (per-channel positive scales: max commutes with
   the requantization that follows). ``avg_pool`` takes optional ``padding`` (zeros; default
@@ -31,6 +41,24 @@ Op kinds and their semantics (all tensors NHWC, values held in int32 between ops
 
 The program's output is int32 logits at one per-tensor ``output_scale``, so their argmax is the
 prediction and ``logits · output_scale`` approximates the float logits.
+
+int32 bounds: `value_bounds(program)` proves, for every int8 input, that each value the
+interpreter and the TVM lowering form in int32 fits, by interval analysis over the ops from the
+program's own integers (per channel), and raises ValueError naming the op otherwise. It runs at
+the end of `to_program` and in `load`. What it checks:
+
+* conv / dense / the head's projection: the input's bounds lie in its declared (``in_bits``,
+  ``in_signed``) range (it is narrowed to that storage type); every partial sum fits:
+  A·Σ|w| + 128·|Σw| + |bias| per output channel, where A = 255 for inputs stored in 8 bits (the
+  kernels see x ⊕ 0x80 or x + 128, with 128·Σw added back) and max|x| otherwise. The output's
+  bounds are exact for the weights: Σ max(w·lo, w·hi) + bias (0 included when padded).
+* requantize: output bounds rq(lo), rq(hi) (it is monotone), clamped; without a narrower clamp
+  (unsaturated, or 32 bits) the exact result must fit int32, since a clamp there would be
+  silent. Shifts lie in [1, 62].
+* add: the sum of the two branches' bounds fits int32; then the op's clamp.
+* avg_pool / global_avg_pool: the window sum, count·max|x| (H·W·max|x| for the global pool).
+* grassmann_head: Σp² per class and Σx² fit, and isqrt(max Σp²)·M ≤ 2^31 − 1.
+* max_pool and concat carry their inputs' bounds.
 """
 
 from __future__ import annotations
@@ -38,17 +66,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grassq import files
 from grassq.quant import intops, qat, quantizers
-from grassq.quant.dyadic import dyadic, requantize
+from grassq.quant.dyadic import MAX_SHIFT, MIN_SHIFT, clip_range, dyadic, requantize
 
 PROGRAM_VERSION = 1
+_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +170,8 @@ class _Builder:
     return hi / (2**qat.RESIDUAL_BITS - 1) if hi > 0 else 1.0
 
   # -- ops
-  def requant(self, x, name, out_scale, bits, signed, saturate=True):
+  def requant(self, x, name, out_scale, bits, signed, saturate=True, relu=False):
+    """A requantize op; `relu` records a ReLU of the model before this quantizer."""
     scale, _, _ = self.meta[x]
     ratio = np.broadcast_to(np.asarray(scale, np.float64) / out_scale, np.shape(scale))
     try:
@@ -148,12 +179,13 @@ class _Builder:
     except ValueError as e:
       raise ValueError(f"{name}: cannot requantize from scale {np.max(scale):.3g} to "
                        f"{out_scale:.3g}: {e}") from None
-    return self.emit("requantize", name, [x], dict(bits=bits, signed=signed, saturate=saturate),
+    return self.emit("requantize", name, [x],
+                     dict(bits=bits, signed=signed, saturate=saturate, relu=bool(relu)),
                      dict(multiplier=np.asarray(m, np.int32), shift=np.asarray(c, np.int32)),
                      (out_scale, bits, signed))
 
-  def act(self, x, path, bits, signed):
-    return self.requant(x, path, self.act_scale(path, bits, signed), bits, signed)
+  def act(self, x, path, bits, signed, relu=False):
+    return self.requant(x, path, self.act_scale(path, bits, signed), bits, signed, relu=relu)
 
   def conv(self, x, path, strides, padding, epsilon=1e-5):
     p = self._sub(self.params, path)
@@ -174,10 +206,10 @@ class _Builder:
 
   def _affine(self, kind, x, path, q, s_w, bias_f, w_bits, attrs):
     s_in, a_bits, a_signed = self.meta[x]
-    bias = quantizers.quantize_bias(bias_f, s_w * s_in)
-    fan_in = int(np.prod(q.shape[:-1]))
-    intops.check_accumulator_fits(fan_in, w_bits, a_bits, a_signed,
-                                  bias_bound=int(np.abs(bias).max(initial=0)), what=path)
+    try:
+      bias = quantizers.quantize_bias(bias_f, s_w * s_in)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
     weight = intops.pack_int4(q) if w_bits <= 4 else q.astype(np.int8)
     attrs = dict(attrs, w_bits=w_bits, cout=q.shape[-1], in_bits=a_bits, in_signed=a_signed)
     return self.emit(kind, path, [x], attrs, dict(weight=weight, bias=bias),
@@ -234,14 +266,17 @@ def _out_hw(op, hw):
 def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
   """Builds the integer program of a calibrated `QResNet` or `QInception` (module docstring).
 
-  Raises ValueError for a never-calibrated activation quantizer, an accumulator that could
-  overflow int32 for a layer's shape and bit-widths, a requantization shift outside [1, 62],
-  or an unsupported bit-width.
+  The program is checked with `value_bounds` before it is returned.
+
+  Raises ValueError for a never-calibrated activation quantizer, an int32 bound that cannot be
+  proved (`value_bounds`: an accumulator, a residual add, a pool sum or the Grassmann head
+  could overflow; the message names the layer), a requantization shift outside [1, 62], or an
+  unsupported bit-width.
   """
   from grassq.quant import qinception, qresnet
 
   if isinstance(model, qinception.QInception):
-    return _inception_program(model, variables, image_shape)
+    return _checked(_inception_program(model, variables, image_shape))
   if not isinstance(model, qresnet.QResNet):
     raise TypeError("to_program needs a grassq.quant.qresnet.QResNet or "
                     f"grassq.quant.qinception.QInception, got {type(model)}")
@@ -255,11 +290,11 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
     x = b.conv(x, "stem_conv", (s, s), _pad(k))
   elif model.stem == "deep":
     for i, s in zip((1, 2, 3), (2, 1, 1)):
-      if i > 1:
+      if i > 1:  # the model: relu(stem_bn{i-1}) -> stem_act{i-1}
         bits = b.act_bits(f"stem_conv{i}")
-        x = b.act(x, f"stem_act{i - 1}", bits, s8 and bits == 8)
+        x = b.act(x, f"stem_act{i - 1}", bits, s8 and bits == 8, relu=True)
       x = b.conv(x, f"stem_conv{i}", (s, s), _pad(3))
-  x = b.act(x, "stem_act", 8, s8)
+  x = b.act(x, "stem_act", 8, s8, relu=True)  # relu(stem_bn) -> stem_act
   if model.stem != "cifar":
     meta = b.meta[x]
     x = b.emit("max_pool", "stem_pool", [x], dict(window=(3, 3), strides=(2, 2),
@@ -272,7 +307,12 @@ def to_program(model, variables, image_shape: Sequence[int]) -> IntegerProgram:
       strides = 2 if i > 0 and j == 0 else 1
       x = _block(b, model, x, path, filters, strides)
 
-  return _pool_and_head(b, model, x, image_shape)
+  return _checked(_pool_and_head(b, model, x, image_shape))
+
+
+def _checked(program):
+  value_bounds(program)
+  return program
 
 
 def _pool_and_head(b, model, x, image_shape):
@@ -319,8 +359,8 @@ def _inception_branch(b, x, steps, prefix):
     is_acc = b.meta[x][1] == 32
     if isinstance(step, inception.Conv):
       layer = f"{prefix}{step.name}/conv"
-      if is_acc:
-        x = b.act(x, f"{prefix}{step.name}_act", b.act_bits(layer), False)
+      if is_acc:  # a conv unit's output: relu(bn(conv)) in the model
+        x = b.act(x, f"{prefix}{step.name}_act", b.act_bits(layer), False, relu=True)
       x = b.conv(x, layer, step.strides, step.padding, inception.BN_EPSILON)
     elif isinstance(step, inception.Pool) and step.kind == "max":
       x = b.emit("max_pool", prefix + step.name, [x], dict(
@@ -335,7 +375,7 @@ def _inception_branch(b, x, steps, prefix):
     elif isinstance(step, inception.Split):
       if is_acc:
         first = f"{prefix}{inception.readers((step,))[0]}/conv"
-        x = b.act(x, f"{prefix}{step.name}_act", b.act_bits(first), False)
+        x = b.act(x, f"{prefix}{step.name}_act", b.act_bits(first), False, relu=True)
       return [t for br in step.branches for t in _inception_branch(b, x, br, prefix)]
     else:
       raise ValueError(f"unknown step {step!r}")
@@ -343,78 +383,107 @@ def _inception_branch(b, x, steps, prefix):
 
 
 def _join(b, leaves, name, bits):
-  """Requantizes every leaf to quantizer `name`'s scale (saturated, unsigned: the ReLU) and
-  concatenates them; a single leaf is just requantized. Either op is named `name`."""
+  """Requantizes every leaf to quantizer `name`'s scale (saturated, unsigned) and concatenates
+  them; a single leaf is just requantized. Either op is named `name`. Accumulator leaves are
+  conv units' outputs, which the model passes through a ReLU (``relu``); pooled quantized
+  leaves are non-negative already."""
   scale = b.act_scale(name, bits, False)
+  relu = lambda t: b.meta[t][1] == 32
   if len(leaves) == 1:
-    return b.requant(leaves[0], name, scale, bits, False)
+    return b.requant(leaves[0], name, scale, bits, False, relu=relu(leaves[0]))
   producer = {op.output: op.name for op in b.ops}
-  parts = [b.requant(t, f"{producer[t]}/requant", scale, bits, False) for t in leaves]
+  parts = [b.requant(t, f"{producer[t]}/requant", scale, bits, False, relu=relu(t))
+           for t in leaves]
   return b.emit("concat", name, parts, dict(bits=bits, signed=False), {}, (scale, bits, False))
 
 
 def _grassmann_head(b, model, h):
   """Integer GCR logits: ⌊‖p_i‖·M / ‖x‖⌋ with p = requantized Sᵀx and both norms by isqrt.
 
-  The projections are requantized to PROJECTION_BITS signed so that Σ_k p² fits int32; the
-  feature norm² Σ x² of unsigned 8-bit features fits for n < 33,025. M = round(γ·s_p/s_x·2^F)
-  puts the logits at the output scale 2^−F, with F chosen so that ‖p‖·M fits int32.
+  The projections are requantized to the model's ``proj_bits`` (PROJECTION_BITS) and clamped
+  to ±proj_max = ±(2^(proj_bits−1) − 1), as `qat.QuantGrassmannHead` clamps them, so that
+  Σ_k p² fits int32 (`value_bounds` checks it, and Σ x² of the features). M =
+  round(γ·s_p/s_x·2^F) puts the logits at the output scale 2^−F, with F the largest for which
+  isqrt(k·proj_max²)·M ≤ 2^31 − 1 (‖p‖ can reach that bound exactly; F is lowered when the
+  rounding of M overshoots).
   """
   kw = dict(model.head_kwargs)
   k, gamma = int(kw.get("subspace_dim", 8)), float(kw.get("scale", 25.0))
-  pbits = qat.PROJECTION_BITS
+  pbits = int(kw.get("proj_bits", qat.PROJECTION_BITS))
   bases = b.params["head"]["bases"]
   num_classes, n, _ = bases.shape
   w_bits = b.model_bits("head")
   q, s_w = quantizers.quantize_weight(qat.bases_as_kernel(bases), w_bits)
   q, s_w = np.asarray(q), np.asarray(s_w, np.float64)
   s_x, a_bits, a_signed = b.meta[h]
-  intops.check_accumulator_fits(n, w_bits, a_bits, a_signed, what="head (projection)")
-  qmax = 2**(pbits - 1) - 1
-  if k * qmax * qmax >= 2**31:
+  qmax = 2**(pbits - 1) - 1  # proj_max: the model's clamp is symmetric
+  if k * qmax * qmax > _INT32_MAX:
     raise ValueError(f"head: {k} projections of {pbits} bits overflow int32 when squared")
-  if a_signed or n * (2**a_bits - 1)**2 >= 2**31:
-    raise ValueError("head: the integer Grassmann head needs unsigned features with n·(2^b−1)² "
-                     "< 2^31")
   r = b._sub(b.stats, "head/proj_range")
   if not bool(np.asarray(r["initialized"])):
     raise ValueError("head/proj_range was never calibrated")
   amax = max(abs(float(np.asarray(r["lo"]))), abs(float(np.asarray(r["hi"]))))
   s_p = amax / qmax if amax > 0 else 1.0
   m, c = dyadic(s_w * s_x / s_p)
-  ratio = gamma * s_p / s_x
-  norm_max = int(np.ceil(np.sqrt(k))) * qmax
-  frac = int(np.floor(np.log2((2**31 - 1) / norm_max / ratio)))
-  big_m = int(round(ratio * 2.0**frac))
+  big_m, frac = norm_multiplier(gamma * s_p / s_x, k, qmax)
   weight = intops.pack_int4(q) if w_bits <= 4 else q.astype(np.int8)
   out = b.emit("grassmann_head", "head", [h],
-               dict(num_classes=num_classes, subspace_dim=k, proj_bits=pbits, w_bits=w_bits,
-                    cout=num_classes * k, in_bits=a_bits, in_signed=a_signed, norm_multiplier=big_m),
+               dict(num_classes=num_classes, subspace_dim=k, proj_bits=pbits, proj_max=qmax,
+                    w_bits=w_bits, cout=num_classes * k, in_bits=a_bits, in_signed=a_signed,
+                    norm_multiplier=big_m),
                dict(weight=weight, multiplier=np.asarray(m, np.int32),
                     shift=np.asarray(c, np.int32)),
                (2.0**-frac, 32, True))
   return out, 2.0**-frac
 
 
+def norm_multiplier(ratio: float, subspace_dim: int, proj_max: int) -> tuple:
+  """(M, F) of the integer Grassmann head: M = round(ratio·2^F) with F the largest for which
+  ‖p‖·M ≤ 2^31 − 1 for every ‖p‖ ≤ isqrt(k·proj_max²) (the exact largest norm the clamp
+  allows); F is lowered while the rounding of M overshoots.
+
+  Args:
+    ratio: γ·s_p/s_x, the real factor between ‖p‖/‖x‖ in integers and the logit.
+    subspace_dim: k, projections per class.
+    proj_max: the projections' symmetric clamp.
+
+  Returns:
+    (M, F) python ints; the logits' scale is 2^−F.
+  """
+  norm_max = math.isqrt(subspace_dim * proj_max * proj_max)
+  if not (np.isfinite(ratio) and ratio > 0):
+    raise ValueError(f"head: the logit scale factor {ratio!r} must be positive and finite")
+  frac = int(np.floor(np.log2(_INT32_MAX / norm_max / ratio)))
+  big_m = int(round(ratio * 2.0**frac))
+  while big_m > 0 and norm_max * big_m > _INT32_MAX:  # round() overshot: one bit less
+    frac -= 1
+    big_m = int(round(ratio * 2.0**frac))
+  if big_m < 1:
+    raise ValueError(f"head: logit scale factor {ratio:.3g} leaves no multiplier M")
+  return big_m, frac
+
+
 def _block(b, model, x, path, filters, strides):
   s8 = model.hawq_signed8
   bottleneck = model.block == "bottleneck"
 
-  def act(t, name, conv_name):
+  def act(t, name, conv_name, relu=False):
     bits = b.act_bits(f"{path}/{conv_name}")
-    return b.act(t, f"{path}/{name}", bits, s8 and bits == 8)
+    return b.act(t, f"{path}/{name}", bits, s8 and bits == 8, relu=relu)
 
+  # act_in reads the block input (a residual join's clamped output, or the stem's): no ReLU
+  # of its own in the model. act1/act2 read relu(bn(conv)).
   a = act(x, "act_in", "conv1")
   if bottleneck:
     s1, s3 = (strides, 1) if model.stride_on == "1x1" else (1, strides)
     y = b.conv(a, f"{path}/conv1", (s1, s1), _pad(1))
-    y = act(y, "act1", "conv2")
+    y = act(y, "act1", "conv2", relu=True)
     y = b.conv(y, f"{path}/conv2", (s3, s3), _pad(3))
-    y = act(y, "act2", "conv3")
+    y = act(y, "act2", "conv3", relu=True)
     y = b.conv(y, f"{path}/conv3", (1, 1), _pad(1))
   else:
     y = b.conv(a, f"{path}/conv1", (strides, strides), _pad(3))
-    y = act(y, "act1", "conv2")
+    y = act(y, "act1", "conv2", relu=True)
     y = b.conv(y, f"{path}/conv2", (1, 1), _pad(3))
   if "proj_conv" not in b._sub(b.params, path):
     r = x
@@ -437,6 +506,205 @@ def _block(b, model, x, path, filters, strides):
   ra = b.requant(r, f"{path}/add_shortcut", out_scale, 32, True, saturate=False)
   return b.emit("add", f"{path}/add", [ya, ra], dict(lo=0, hi=2**bits - 1), {},
                 (out_scale, bits, False))
+
+
+# ----------------------------------------------------------------------------- int32 bounds
+
+
+def requantize_range(op: Op) -> tuple:
+  """[lo, hi] of a requantize op's output as its attributes record it (``bits``, ``signed``,
+  ``saturate``, ``relu``; a missing ``relu`` is False). The interpreter, the TVM lowering and
+  the ONNX export all clamp to this."""
+  a = op.attrs
+  return clip_range(a["bits"], a["signed"], a["saturate"], bool(a.get("relu", False)))
+
+
+def projection_range(op: Op) -> tuple:
+  """[lo, hi] of a grassmann_head's projections: [−proj_max, proj_max], or for programs saved
+  before ``proj_max`` the signed ``proj_bits`` range they were built with."""
+  a = op.attrs
+  if "proj_max" in a:
+    return -int(a["proj_max"]), int(a["proj_max"])
+  return clip_range(a["proj_bits"], True)
+
+
+def _unpacked_weight(op: Op) -> np.ndarray:
+  """The op's integer weights as int64 (int4 unpacked on the host, as `intops.unpack_int4`)."""
+  w = np.asarray(op.arrays["weight"]).astype(np.int64)
+  if op.attrs["w_bits"] <= 4:
+    low, high = ((w & 15) ^ 8) - 8, w >> 4
+    w = np.stack([low, high], axis=-1).reshape(*w.shape[:-1], -1)[..., :op.attrs["cout"]]
+  return w
+
+
+def _matvec(x, m):
+  """Exact x @ m for integer vectors x (K,) and matrices m (K, N): int64 where it cannot
+  overflow, python ints otherwise."""
+  x, m = np.asarray(x), np.asarray(m, np.int64)
+  big = int(np.abs(m).sum(axis=0).max(initial=0)) * int(np.abs(x).max(initial=0))
+  if big < 2**62:
+    return x.astype(np.int64) @ m
+  return np.asarray(x, object) @ m.astype(object)
+
+
+def _fits(v) -> bool:
+  v = np.asarray(v)
+  return v.size == 0 or (int(v.min()) >= _INT32_MIN and int(v.max()) <= _INT32_MAX)
+
+
+def _rq(v, m, c):
+  """(v·m + 2^(c−1)) >> c elementwise, exact in int64 (|v|, |m| ≤ 2^31, c ≤ 62)."""
+  v, m, c = (np.asarray(t, np.int64) for t in (v, m, c))
+  return (v * m + (np.int64(1) << (c - 1))) >> c
+
+
+def _op_bounds(op: Op, ins, in_hw):
+  """Per-channel (lo, hi) int64 bounds of `op`'s output from its inputs' (`value_bounds`);
+  raises ValueError naming the op when an int32 bound cannot be proved."""
+  a = op.attrs
+
+  def fail(what):
+    raise ValueError(f"{op.name} ({op.kind}): {what}; the integer program cannot guarantee "
+                     "its int32 arithmetic, so it is refused")
+
+  if op.kind in ("conv", "dense", "grassmann_head"):
+    x_lo, x_hi = ins[0]
+    q_lo, q_hi = clip_range(a["in_bits"], a["in_signed"])
+    if int(x_lo.min()) < q_lo or int(x_hi.max()) > q_hi:
+      fail(f"its input lies in [{int(x_lo.min())}, {int(x_hi.max())}], outside its declared "
+           f"{'signed' if a['in_signed'] else 'unsigned'} {a['in_bits']}-bit range "
+           f"[{q_lo}, {q_hi}] (it would wrap when narrowed)")
+    w = _unpacked_weight(op)
+    w2 = w.reshape(-1, w.shape[-1])  # rows ordered (kh, kw, cin) or (n,)
+    cin = w.shape[-2]
+    reps = w2.shape[0] // cin
+    if len(x_lo) not in (1, cin):
+      fail(f"its input has {len(x_lo)} channels, its weights {cin}")
+    x_lo, x_hi = (np.broadcast_to(t, (cin,)) for t in (x_lo, x_hi))
+    if op.kind == "conv":  # zero padding can enter any window
+      x_lo, x_hi = np.minimum(x_lo, 0), np.maximum(x_hi, 0)
+    bias = (np.asarray(op.arrays["bias"], np.int64) if "bias" in op.arrays
+            else np.zeros(w2.shape[1], np.int64))
+    amax = 255 if a["in_bits"] <= 8 else int(max(-int(x_lo.min()), int(x_hi.max())))
+    formed = (amax * np.abs(w2).sum(axis=0) + 128 * np.abs(w2.sum(axis=0)) * (amax == 255)
+              + np.abs(bias))
+    if int(formed.max(initial=0)) > _INT32_MAX:
+      c = int(np.argmax(formed))
+      fail(f"the accumulator of output channel {c} can reach {int(formed[c])} in its partial "
+           f"sums (Σ|w| = {int(np.abs(w2[:, c]).sum())} over fan-in {w2.shape[0]}, inputs up "
+           f"to {amax}, |bias| {abs(int(bias[c]))}) and overflows int32")
+    pos, neg = np.maximum(w2, 0), np.minimum(w2, 0)
+    xl, xh = np.tile(x_lo, reps), np.tile(x_hi, reps)
+    acc_hi = _matvec(xh, pos) + _matvec(xl, neg) + bias
+    acc_lo = _matvec(xl, pos) + _matvec(xh, neg) + bias
+    if op.kind != "grassmann_head":
+      out = (acc_lo, acc_hi)
+    else:
+      p_lo, p_hi = projection_range(op)
+      m, c = np.asarray(op.arrays["multiplier"]), np.asarray(op.arrays["shift"])
+      if c.size and (int(c.min()) < MIN_SHIFT or int(c.max()) > MAX_SHIFT):
+        fail(f"shifts outside [{MIN_SHIFT}, {MAX_SHIFT}]")
+      r1, r2 = _rq(acc_lo, m, c), _rq(acc_hi, m, c)
+      pl = np.clip(np.minimum(r1, r2), p_lo, p_hi)
+      ph = np.clip(np.maximum(r1, r2), p_lo, p_hi)
+      k, n_cls = int(a["subspace_dim"]), int(a["num_classes"])
+      sq = np.maximum(pl * pl, ph * ph).reshape(n_cls, k).sum(axis=1)
+      if int(sq.max()) > _INT32_MAX:
+        fail(f"Σp² of {k} projections can reach {int(sq.max())} and overflows int32")
+      xsq = sum(max(lv * lv, hv * hv) for lv, hv in zip(x_lo.tolist(), x_hi.tolist()))
+      if xsq > _INT32_MAX:
+        fail(f"the feature norm² Σx² can reach {xsq} and overflows int32")
+      norm = np.asarray([math.isqrt(int(v)) for v in sq], np.int64)
+      big_m = int(a["norm_multiplier"])
+      top = norm * abs(big_m)
+      if int(top.max()) > _INT32_MAX:
+        fail(f"‖p‖·M can reach {int(top.max())} (‖p‖ ≤ {int(norm.max())}, M = {big_m}) and "
+             "overflows int32")
+      out = (np.minimum(norm * big_m, 0), np.maximum(norm * big_m, 0))
+  elif op.kind == "requantize":
+    x_lo, x_hi = ins[0]
+    m, c = np.asarray(op.arrays["multiplier"]), np.asarray(op.arrays["shift"])
+    if c.size and (int(c.min()) < MIN_SHIFT or int(c.max()) > MAX_SHIFT):
+      fail(f"shifts outside [{MIN_SHIFT}, {MAX_SHIFT}]")
+    r1, r2 = _rq(x_lo, m, c), _rq(x_hi, m, c)
+    q_lo, q_hi = requantize_range(op)
+    if (q_lo, q_hi) == (_INT32_MIN, _INT32_MAX) and not _fits([r1, r2]):
+      fail(f"the requantized values can reach [{int(np.minimum(r1, r2).min())}, "
+           f"{int(np.maximum(r1, r2).max())}], beyond int32, where nothing saturates them "
+           "(they would be clamped silently)")
+    out = (np.clip(np.minimum(r1, r2), q_lo, q_hi), np.clip(np.maximum(r1, r2), q_lo, q_hi))
+  elif op.kind == "add":
+    (a_lo, a_hi), (b_lo, b_hi) = ins
+    s_lo, s_hi = a_lo + b_lo, a_hi + b_hi
+    if not _fits([s_lo, s_hi]):
+      fail(f"the sum of its two branches can reach [{int(s_lo.min())}, {int(s_hi.max())}] "
+           f"(branches within [{int(a_lo.min())}, {int(a_hi.max())}] and "
+           f"[{int(b_lo.min())}, {int(b_hi.max())}]) and overflows int32")
+    out = (np.clip(s_lo, a["lo"], a["hi"]), np.clip(s_hi, a["lo"], a["hi"]))
+  elif op.kind == "max_pool":
+    return ins[0]
+  elif op.kind in ("avg_pool", "global_avg_pool"):
+    x_lo, x_hi = ins[0]
+    if op.kind == "avg_pool":
+      count = int(np.prod(a["window"]))
+      padded = any(p for pair in a.get("padding", ((0, 0), (0, 0))) for p in pair)
+    else:
+      count, padded = int(np.prod(in_hw)), False
+    if padded:  # zeros enter the window sums (and, counted, the averages)
+      x_lo, x_hi = np.minimum(x_lo, 0), np.maximum(x_hi, 0)
+    total = count * np.maximum(-x_lo, x_hi)
+    if int(total.max()) > _INT32_MAX:
+      fail(f"its window sum of {count} values up to {int(np.maximum(-x_lo, x_hi).max())} "
+           f"can reach {int(total.max())} and overflows int32")
+    out = (x_lo, x_hi)
+  elif op.kind == "concat":
+    out = (np.concatenate([t[0] for t in ins]), np.concatenate([t[1] for t in ins]))
+  else:
+    raise ValueError(f"{op.name}: unknown op kind {op.kind!r}")
+  return out
+
+
+def value_bounds(program: IntegerProgram) -> dict:
+  """Proves every int32 bound the back ends rely on, by interval analysis over the program.
+
+  From the input's range and the program's own integers (weights, biases, multipliers,
+  shifts, clamps) each tensor gets per-channel bounds [lo, hi] that hold for every int8 input,
+  and every value the interpreter (`run`) and the TVM lowering form in int32 is checked
+  against [−2^31, 2^31 − 1] (the module docstring lists the checks).
+
+  Args:
+    program: an `IntegerProgram`.
+
+  Returns:
+    {tensor: (lo, hi)}: tuples of python ints, one per channel (the last axis).
+
+  Raises:
+    ValueError: naming the op whose bound cannot be proved, and what could overflow.
+  """
+  ops = program.ops
+  if not ops or ops[0].kind != "quantize_input":
+    raise ValueError("the program must start with its quantize_input op")
+  first = ops[0]
+  lo, hi = clip_range(first.attrs["bits"], first.attrs["signed"])
+  c_in = int(program.input_shape[-1])
+  bounds = {first.output: (np.full(c_in, lo, np.int64), np.full(c_in, hi, np.int64))}
+  hw = {first.output: tuple(program.input_shape[:2])}
+
+  for op in ops[1:]:
+    try:
+      ins = [bounds[t] for t in op.inputs]
+    except KeyError as e:
+      raise ValueError(f"{op.name} ({op.kind}): reads tensor {e.args[0]!r}, which no earlier op "
+                       "writes") from None
+    try:
+      out = _op_bounds(op, ins, hw[op.inputs[0]] if op.inputs else None)
+    except (KeyError, TypeError, IndexError) as e:
+      raise ValueError(f"{op.name} ({op.kind}): malformed op, missing or bad attribute or "
+                       f"array ({type(e).__name__}: {e})") from None
+    bounds[op.output] = tuple(np.asarray(t, np.int64) for t in out)
+    hw[op.output] = _out_hw(op, hw[op.inputs[0]] if op.inputs else None)
+  return {t: (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+          for t, (lo, hi) in bounds.items()}
 
 
 # ----------------------------------------------------------------------------- interpreter
@@ -468,13 +736,14 @@ def _apply(op: Op, arrays, env):
       w = intops.unpack_int4(w, a["cout"])
     acc = intops.dense_int(_storage(x, a["in_bits"], a["in_signed"]), w)
     p = requantize(acc, arrays["multiplier"], arrays["shift"], a["proj_bits"], True)
+    p = jnp.clip(p, *projection_range(op))  # the symmetric ±proj_max
     p = p.reshape(*p.shape[:-1], a["num_classes"], a["subspace_dim"])
     norm = intops.isqrt(jnp.sum(p * p, axis=-1))
     xnorm = jnp.maximum(intops.isqrt(jnp.sum(x * x, axis=-1, keepdims=True)), 1)
     return (norm * a["norm_multiplier"]) // xnorm
   if op.kind == "requantize":
     return requantize(env[op.inputs[0]], arrays["multiplier"], arrays["shift"], a["bits"],
-                      a["signed"], a["saturate"])
+                      a["signed"], a["saturate"], relu=bool(a.get("relu", False)))
   if op.kind == "add":
     return intops.add_clamp(env[op.inputs[0]], env[op.inputs[1]], a["lo"], a["hi"])
   if op.kind == "max_pool":
@@ -660,61 +929,86 @@ def _op_json(op: Op) -> dict:
 
 
 def save(program: IntegerProgram, path: str, overwrite: bool = False) -> None:
-  """Writes the program to directory `path`: ``arrays/`` (orbax) and ``program.json``.
+  """Writes the program to directory `path`: ``arrays/`` (orbax), then ``program.json``.
 
-  The directory is assembled under a temporary name and renamed into place, so a reader never
-  sees half a program.
+  Local directories are assembled under a temporary name and renamed into place
+  (`grassq.files.atomic_dir`), so a reader never sees half a program. A remote directory
+  (``gs://...``) is written in place, ``program.json`` last: `load` refuses a directory
+  without it.
   """
-  import shutil
-  import tempfile
-
   import orbax.checkpoint as ocp
 
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".program-tmp-")
   meta = dict(version=PROGRAM_VERSION, input_shape=list(program.input_shape),
               output=program.output, output_scale=program.output_scale,
               num_classes=program.num_classes, ops=[_op_json(op) for op in program.ops])
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, "arrays"), program_arrays(program))
-    ckptr.wait_until_finished()
-  with open(os.path.join(tmp, "program.json"), "w") as f:
-    json.dump(meta, f)
-  if os.path.exists(path):
-    old = tmp + "-old"
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, path)
+  text = json.dumps(meta)
+  with files.atomic_dir(path, overwrite=overwrite) as tmp:
+    if files.is_remote(tmp) and files.exists(files.join(tmp, "program.json")):
+      from etils import epath  # overwritten in place: no stale description over new arrays
+
+      epath.Path(files.join(tmp, "program.json")).unlink()
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(files.join(tmp, "arrays"), program_arrays(program), force=True)
+      ckptr.wait_until_finished()
+    files.atomic_write(files.join(tmp, "program.json"), text + "\n")
+
+
+_REMEDY = "save the program again (grassq.quant.program.save, from to_program)"
 
 
 def load(path: str) -> IntegerProgram:
-  """Reads a program written by `save`."""
+  """Reads a program written by `save` and checks it (`value_bounds`).
+
+  Raises:
+    FileNotFoundError: no ``program.json`` at `path`.
+    grassq.files.CorruptFileError: a truncated or damaged ``program.json``, arrays that cannot
+      be read, or an op whose listed array is missing (the message names the op and array).
+    ValueError: another program version, or an int32 bound `value_bounds` cannot prove.
+  """
   import orbax.checkpoint as ocp
 
-  path = os.path.abspath(path)
-  meta_path = os.path.join(path, "program.json")
-  if not os.path.exists(meta_path):
+  path = files.abspath(path)
+  meta_path = files.join(path, "program.json")
+  if not files.exists(meta_path):
     raise FileNotFoundError(f"no integer program at {path} (missing program.json)")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = files.read_json(meta_path, "integer program description", _REMEDY)
+  if not isinstance(meta, dict):
+    raise files.CorruptFileError(f"integer program description {meta_path} is not a JSON "
+                                 f"object: {_REMEDY}")
   if meta.get("version") != PROGRAM_VERSION:
     raise ValueError(f"{path}: program version {meta.get('version')} is not {PROGRAM_VERSION}")
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.join(path, "arrays"))
+  arrays_path = files.join(path, "arrays")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(arrays_path)
+  except Exception as e:  # noqa: BLE001 (orbax raises many kinds; all mean the same here)
+    raise files.CorruptFileError(f"integer program {path}: its arrays ({arrays_path}) cannot be "
+                                 f"read ({type(e).__name__}: {e}): {_REMEDY}") from e
 
   def tup(v):
     return tuple(tup(x) for x in v) if isinstance(v, list) else v
 
   ops = []
-  for i, o in enumerate(meta["ops"]):
-    arrays = {n: np.asarray(tree[str(i)][n]) for n in o["arrays"]}
-    ops.append(Op(o["kind"], o["name"], tuple(o["inputs"]), o["output"],
-                  {k: tup(v) for k, v in o["attrs"].items()}, arrays))
-  return IntegerProgram(tuple(ops), tuple(meta["input_shape"]), meta["output"],
-                        float(meta["output_scale"]), int(meta["num_classes"]))
+  try:
+    for i, o in enumerate(meta["ops"]):
+      saved = tree.get(str(i), {}) if isinstance(tree, Mapping) else {}
+      missing = [n for n in o["arrays"] if n not in saved]
+      if missing:
+        raise files.CorruptFileError(
+            f"integer program {path}: op {i} {o['name']!r} ({o['kind']}) lists array(s) "
+            f"{', '.join(map(repr, missing))}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"among the saved arrays ({arrays_path}, op {i}: {sorted(saved) or 'none'}): "
+            f"{_REMEDY}")
+      arrays = {n: np.asarray(saved[n]) for n in o["arrays"]}
+      ops.append(Op(o["kind"], o["name"], tuple(o["inputs"]), o["output"],
+                    {k: tup(v) for k, v in o["attrs"].items()}, arrays))
+    program = IntegerProgram(tuple(ops), tuple(meta["input_shape"]), meta["output"],
+                             float(meta["output_scale"]), int(meta["num_classes"]))
+  except (KeyError, TypeError, AttributeError) as e:
+    raise files.CorruptFileError(f"integer program description {meta_path} is malformed "
+                                 f"({type(e).__name__}: {e}): {_REMEDY}") from None
+  try:
+    value_bounds(program)
+  except ValueError as e:
+    raise ValueError(f"integer program {path}: {e}") from None
+  return program

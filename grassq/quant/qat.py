@@ -199,7 +199,7 @@ class QuantAdd(nn.Module):
     return jnp.where(seen, fake_quant_add(a, b, scale, self.bits, self.signed), total)
 
 
-PROJECTION_BITS = 12  # projection coordinates: k * (2^11)^2 fits int32 for k <= 511
+PROJECTION_BITS = 12  # projection coordinates: k * 2047^2 (the symmetric clamp) fits int32 for k <= 512
 
 
 def bases_as_kernel(bases):
