@@ -32,8 +32,6 @@ import numpy as np
 
 from grassq import files
 from grassq.deploy.relax import INPUT_DTYPE, require_tvm, require_tvm_runtime, to_relax
-# re-exported: grassq.deploy.onnx_export writes through it
-from grassq.files import atomic_path  # noqa: F401
 
 GENERIC_TARGET = {"kind": "llvm"}
 CUDA_T4_TARGET = {"kind": "cuda", "arch": "sm_75"}

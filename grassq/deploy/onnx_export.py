@@ -606,7 +606,7 @@ def to_float_onnx(program, batch_size: int | None = None, opset: int = 18):
 
 def save(model, path: str) -> None:
   """Writes an ONNX model to `path` (a temporary file renamed into place)."""
-  from grassq.deploy.build import atomic_path
+  from grassq.files import atomic_path
 
   onnx = require_onnx()
   with atomic_path(path, ".onnx") as tmp:
