@@ -88,6 +88,14 @@ def test_save_load_round_trip(w8a8, tmp_path):
   assert [op.name for op in back.ops] == [op.name for op in prog.ops]
   x = P.quantize_input(prog, jax.random.normal(jax.random.key(3), (4, 28, 28, 1)))
   np.testing.assert_array_equal(P.run(back, x), fn(P.program_arrays(prog), x))
+  # One structure, one jitted function (XLA compiles it once per input shape), and the weights
+  # are its arguments, not constants of the first program it was built for.
+  assert P.interpreter(back) is P.interpreter(prog) and P.interpreter(prog) is fn
+  assert P.interpreter(prog, all_outputs=True) is not fn
+  arrays = P.program_arrays(back)
+  head = str(next(i for i, op in enumerate(back.ops) if op.kind == "dense"))  # the classifier
+  arrays[head] = dict(arrays[head], bias=arrays[head]["bias"] + 10**6)
+  assert not np.array_equal(fn(arrays, x), P.run(back, x))
   with pytest.raises(FileNotFoundError):
     P.load(str(tmp_path / "nothing"))
   assert sorted(os.listdir(tmp_path)) == ["prog"]  # no temporary directories left behind

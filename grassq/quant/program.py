@@ -770,12 +770,39 @@ def program_arrays(program: IntegerProgram) -> dict:
   return {str(i): dict(op.arrays) for i, op in enumerate(program.ops) if op.arrays}
 
 
+_INTERPRETERS: dict = {}  # structure key -> jitted fn, most recently used last
+_INTERPRETERS_KEPT = 16
+
+
+def _structure_key(program: IntegerProgram, all_outputs: bool) -> str:
+  """Everything the interpreter's trace depends on: ops, attributes and array names, not the
+  array values (those are arguments). Programs with equal keys share one jitted function."""
+  return json.dumps([list(program.input_shape), program.output, bool(all_outputs),
+                     [_op_json(op) for op in program.ops]], sort_keys=True, default=repr)
+
+
 def interpreter(program: IntegerProgram, all_outputs: bool = False):
   """A jitted ``fn(arrays, x_int8) -> int32 logits`` for this program's structure.
 
   With ``all_outputs`` it returns {op name: output} for every op (layer-by-layer comparisons).
+  Programs of the same structure (a program and its saved-and-loaded copy, or QAT checkpoints
+  of one model converted again) get the same function, so XLA compiles each input shape once
+  per structure; the last 16 structures are kept.
   """
-  ops = program.ops
+  key = _structure_key(program, all_outputs)
+  fn = _INTERPRETERS.pop(key, None)
+  if fn is None:
+    fn = _build_interpreter(program, all_outputs)
+    while len(_INTERPRETERS) >= _INTERPRETERS_KEPT:
+      _INTERPRETERS.pop(next(iter(_INTERPRETERS)))
+  _INTERPRETERS[key] = fn
+  return fn
+
+
+def _build_interpreter(program: IntegerProgram, all_outputs: bool):
+  # the closure keeps the structure only, not the first program's weights
+  ops = tuple(dataclasses.replace(op, arrays={}) for op in program.ops)
+  program = dataclasses.replace(program, ops=ops)
 
   def fn(arrays, x):
     x = jnp.asarray(x)
