@@ -1,7 +1,7 @@
 """Throughput of grassq's training loop vs a plain flax/optax step, measured in one run.
 
-  python benchmarks/train_throughput.py [--batch-size 128] [--steps 60] [--repeats 5]
-  python benchmarks/train_throughput.py --compare-guard [--rounds 4]
+  python -m benchmarks.train_throughput [--batch-size 128] [--steps 60] [--repeats 5]
+  python -m benchmarks.train_throughput --compare-guard [--rounds 4]
 
 "plain" is the bare jitted step (same ResNet-20, SGD + momentum, one batch already on the
 device, no data pipeline, no augmentation, no logging, no checkpoints): an upper bound for any
@@ -90,8 +90,10 @@ def main():
     rates = {5: [], -1: []}
     for _ in range(args.rounds):  # interleaved: on, off, on, off, ...
       for setting in rates:
-        rates[setting] += loop_images_per_sec(args.batch_size, args.steps, args.repeats,
-                                              setting)[1]
+        got = loop_images_per_sec(args.batch_size, args.steps, args.repeats, setting)[1]
+        rates[setting] += got
+        print(f"max_nonfinite_steps={setting}: " + ", ".join(f"{r:.0f}" for r in got)
+              + " images/s", flush=True)
     on, off = (statistics.median(rates[k]) for k in (5, -1))
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch "
           f"{args.batch_size}, {args.rounds} interleaved rounds of {args.repeats} windows")
