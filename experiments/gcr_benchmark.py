@@ -43,11 +43,16 @@ class Variant:
   seeds: tuple
   head_kwargs: tuple = ()
   label_smoothing: float = 0.0
+  config: tuple = ()  # further config overrides
 
 
 VARIANTS = (
     Variant("softmax", "softmax (linear head)", "linear", (0, 1, 2)),
     Variant("gcr_k8", "GCR k=8", "grassmann", (0, 1, 2), (("subspace_dim", 8),)),
+    # The released code's update (geodesic + torch's unsigned QR every 5 steps) on the same run.
+    Variant("gcr_k8_released", "GCR k=8, released update", "grassmann", (0, 1, 2),
+            (("subspace_dim", 8),), config=(("grassmann_update", "released"),
+                                            ("grassmann_reorth_every", 5))),
     Variant("cosine", "cosine softmax (scale 25)", "cosine", (0,), (("scale", 25.0),)),
     Variant("label_smoothing", "softmax + label smoothing 0.1", "linear", (0,), (),
             label_smoothing=0.1),
@@ -63,6 +68,8 @@ def run_config(base, variant: Variant, seed: int):
   config.head_kwargs = dict(variant.head_kwargs)
   config.label_smoothing = variant.label_smoothing
   config.seed = seed
+  for key, value in variant.config:
+    config[key] = value
   return config
 
 
@@ -110,6 +117,11 @@ def run_one(base, variant: Variant, seed: int, out: str) -> dict:
   if variant.head == "grassmann":
     angles = analysis.pairwise_principal_angles(variables["params"]["head"]["bases"])
     summary["principal_angles_deg"] = [float(a) for a in (angles * 180 / 3.141592653589793).ravel()]
+    from grassq import grassmann
+
+    summary["orthonormality_error"] = float(
+        grassmann.orthonormality_error(variables["params"]["head"]["bases"]))
+    summary["grassmann_update"] = config.get("grassmann_update", "grassq")
   files.write_json(summary_path, summary, indent=1)
   return summary
 
@@ -144,13 +156,16 @@ def report(out: str) -> str:
     if rows:
       found[v.name] = (v, rows)
   lines = [
-      "| run | seeds | test acc. (%) | variability (%) | R² (%) | probe digits (%) | probe MNIST (%) |",
-      "|---|---|---|---|---|---|---|",
+      "| run | seeds | test acc. (%) | variability (%) | R² (%) | probe digits (%) | probe MNIST (%) "
+      "| max \\|SᵀS − I\\| at the end |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for v, rows in found.values():
     col = lambda key: _mean_std([r.get(key) for r in rows])
+    orth = [r["orthonormality_error"] for r in rows if "orthonormality_error" in r]
+    orth = f"{max(orth):.1e}" if orth else "n/a"
     lines.append(f"| {v.label} | {len(rows)} | {col('test_accuracy')} | {col('variability')} | "
-                 f"{col('r2')} | {col('probe_digits')} | {col('probe_mnist')} |")
+                 f"{col('r2')} | {col('probe_digits')} | {col('probe_mnist')} | {orth} |")
   epochs = {r["epochs"] for _, rows in found.values() for r in rows}
   table = "\n".join(lines) + (
       f"\n\nResNet-20 on Fashion-MNIST, {', '.join(f'{e:g}' for e in sorted(epochs))} epochs; "

@@ -171,14 +171,37 @@ def retract_polar(bases, tangent):
   return _mm(u, vt)
 
 
+def geodesic(bases, tangent):
+  """The Grassmann geodesic from S along `tangent` at time 1, without re-orthonormalizing.
+
+  With the thin SVD of the horizontal part tangent = U diag(sigma) V^T, returns
+  S V cos(sigma) V^T + U sin(sigma) V^T: orthonormal in exact arithmetic, but
+  rounding accumulates over many steps (the released GCR code re-orthonormalizes
+  it with a QR every few steps; `exp_map` does so every step). The vertical part
+  S S^T tangent, which does not move the subspace, is dropped first.
+
+  Args:
+    bases: (..., n, k) orthonormal bases S.
+    tangent: (..., n, k) tangent vector at S.
+
+  Returns:
+    (..., n, k), float32 (float64 for float64 input).
+  """
+  bases = _as_float(bases)
+  _check_shape(bases)
+  tangent = project_tangent(bases, _as_float(tangent))
+  u, sigma, vt = jnp.linalg.svd(tangent, full_matrices=False)
+  cos = jnp.cos(sigma)[..., None, :]
+  sin = jnp.sin(sigma)[..., None, :]
+  return _mm(_mm(bases, _mT(vt)) * cos, vt) + _mm(u * sin, vt)
+
+
 def exp_map(bases, tangent):
   """Riemannian exponential map of the Grassmannian (follows the geodesic).
 
-  With the thin SVD tangent = U diag(sigma) V^T, the geodesic at time 1 is
-  S V cos(sigma) V^T + U sin(sigma) V^T. The vertical part S S^T tangent, which
-  does not move the subspace, is dropped first. The result is re-orthonormalized
-  (sign-fixed QR, which leaves an orthonormal basis unchanged up to rounding)
-  so float drift does not accumulate over many steps.
+  `geodesic`, then re-orthonormalized (sign-fixed QR, which leaves an
+  orthonormal basis unchanged up to rounding) so float drift does not
+  accumulate over many steps.
 
   Args:
     bases: (..., n, k) orthonormal bases S.
@@ -187,14 +210,20 @@ def exp_map(bases, tangent):
   Returns:
     New bases of shape (..., n, k).
   """
-  bases = _as_float(bases)
-  _check_shape(bases)
-  tangent = project_tangent(bases, _as_float(tangent))
-  u, sigma, vt = jnp.linalg.svd(tangent, full_matrices=False)
-  cos = jnp.cos(sigma)[..., None, :]
-  sin = jnp.sin(sigma)[..., None, :]
-  new = _mm(_mm(bases, _mT(vt)) * cos, vt) + _mm(u * sin, vt)
-  return orthonormalize(new)
+  return orthonormalize(geodesic(bases, tangent))
+
+
+def qr_unsigned(a):
+  """The Q factor of LAPACK's Householder QR as it comes (no sign fix), as torch.linalg.qr.
+
+  The released GCR code re-orthonormalizes with this: columns whose R diagonal is
+  negative come out negated, which does not change the subspace but does change
+  the basis (a momentum buffer kept in the old basis then points elsewhere).
+  `orthonormalize` is the sign-fixed variant.
+  """
+  a = _as_float(a)
+  _check_shape(a, "input")
+  return jnp.linalg.qr(a, mode="reduced")[0]
 
 
 def principal_angles(a, b):

@@ -103,7 +103,14 @@ def default_config() -> ml_collections.ConfigDict:
   # rate, following the network's schedule shape; no weight decay or clipping on them.
   c.grassmann_learning_rate = 0.1
   c.grassmann_momentum = 0.9
-  c.grassmann_retraction = "qr"  # qr | qr_householder | qr_cholesky | polar | exp
+  c.grassmann_retraction = "qr"  # qr | qr_householder | qr_cholesky | polar | exp | geodesic
+  # "grassq": `optim.riemannian_sgd` with the retraction above every step (the default, see
+  # docs/differences.md); "released": `optim.released_rsgd`, the released GCR code's geodesic
+  # step with torch's unsigned QR every `grassmann_reorth_every` steps (its RSGD: 5; its AdamW
+  # and LAMB wrappers: 1). Either way the bases' rate is grassmann_learning_rate at the
+  # schedule's peak and follows the network's schedule (the released lr_factor coupling).
+  c.grassmann_update = "grassq"
+  c.grassmann_reorth_every = 5
 
   # HAWQV3 quantization-aware training (grassq.quant.qresnet): a per-layer bit dict; layers
   # not in it get default_bits, except the first conv and the classifier (8 unless given).
@@ -115,6 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.quant.default_act_bits = 0  # 0: each layer's activations at its weight bits (W4A8: 8)
   c.quant.hawq_signed8 = False
   c.quant.fix_bn = False
+  # Training-time statistics (grassq.quant.qat.SEMANTICS): "grassq" (BatchNorm momentum 0.9,
+  # biased batch variance, range EMA 0.99) or "hawq" (HAWQV3's code: 0.99, unbiased, 0.95).
+  c.quant.semantics = "grassq"
   # Start from another run's weights (e.g. a float checkpoint for QAT); ignored when resuming.
   c.init_from = ml_collections.FieldReference(None, field_type=str)
 
@@ -162,7 +172,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         model, bits=config.quant.bits.to_dict(), default_bits=config.quant.default_bits,
         act_bits=config.quant.act_bits.to_dict(),
         default_act_bits=config.quant.default_act_bits,
-        hawq_signed8=config.quant.hawq_signed8, fix_bn=config.quant.fix_bn)
+        hawq_signed8=config.quant.hawq_signed8, fix_bn=config.quant.fix_bn,
+        semantics=config.quant.get("semantics", "grassq"))
   return model
 
 
@@ -240,11 +251,19 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
     from grassq import optim
 
     ratio = config.grassmann_learning_rate / config.learning_rate
-    bases_tx = optim.riemannian_sgd(
-        lambda count: ratio * schedule(count),
-        momentum=config.grassmann_momentum,
-        retraction=config.grassmann_retraction,
-    )
+    update = config.get("grassmann_update", "grassq")
+    if update == "released":
+      bases_tx = optim.released_rsgd(
+          schedule, momentum=config.grassmann_momentum,
+          reorthonormalize_every=config.get("grassmann_reorth_every", 5), lr_factor=ratio)
+    elif update == "grassq":
+      bases_tx = optim.riemannian_sgd(
+          lambda count: ratio * schedule(count),
+          momentum=config.grassmann_momentum,
+          retraction=config.grassmann_retraction,
+      )
+    else:
+      raise ValueError(f"unknown grassmann_update {update!r}; available: grassq, released")
     tx = optim.with_grassmann(tx, bases_tx)
   return tx
 

@@ -379,3 +379,112 @@ def test_nonfinite_gradients_poison_the_bases_unless_guarded(momentum_rule):
     updates, ref_state = unguarded.update(g, ref_state, ref)
     ref = optax.apply_updates(ref, updates)
   np.testing.assert_allclose(p["head"]["bases"], ref["head"]["bases"], atol=1e-6)
+
+
+# ----------------------------------------------------------------- the released update (issue 16)
+
+
+def released_loop(bases_list, grads, lr, mu, period, lr_factor=1.0):
+  """Independent float64 transcription of innerlee/GCR's RSGD step (gcr/rsgd.py).
+
+  Per call and per Grassmann tensor, in order: torch momentum buffer (clone at the first
+  call, then buf * mu + d_p), g = buf - S (S^T buf), SVD g = U s Vt, the geodesic
+  (S Vt^T) cos(alpha s) Vt + U sin(alpha s) Vt with alpha = -lr * lr_factor, then
+  np.linalg.qr's unsigned Q when the global counter % period == 0; the counter ticks once
+  per tensor per call and starts at 0.
+  """
+  params = [b.copy() for b in bases_list]
+  bufs = [None] * len(params)
+  opt_iter = 0
+  history = []
+  for step_grads in grads:
+    for i, (s, d) in enumerate(zip(params, step_grads)):
+      bufs[i] = d.copy() if bufs[i] is None else bufs[i] * mu + d
+      alpha = -lr * lr_factor
+      new = np.empty_like(s)
+      for c in range(s.shape[0]):
+        p, b = s[c], bufs[i][c]
+        g = b - p @ (p.T @ b)
+        u, sv, vt = np.linalg.svd(g, full_matrices=False)
+        new[c] = ((p @ vt.T) * np.cos(alpha * sv)[None] + u * np.sin(alpha * sv)[None]) @ vt
+        if opt_iter % period == 0:
+          new[c] = np.linalg.qr(new[c])[0]
+      opt_iter += 1
+      params[i] = new
+    history.append([p.copy() for p in params])
+  return history
+
+
+@pytest.mark.parametrize("period,lr_factor", [(5, 1.0), (1, 3.0), (3, 1.0)])
+def test_released_rsgd_matches_a_transcription_of_the_released_step(period, lr_factor):
+  """Two Grassmann tensors (the counter is shared), 40 steps of random gradients, float64."""
+  lr, mu, steps = 0.05, 0.9, 40
+  bases = {"a": random_bases_np(11, 3, 9, 3), "b": random_bases_np(12, 2, 7, 2)}
+  rng = np.random.default_rng(13)
+  grads = [[rng.normal(size=bases[k].shape) for k in ("a", "b")] for _ in range(steps)]
+  want = released_loop([bases["a"], bases["b"]], grads, lr, mu, period, lr_factor)
+  with jax.enable_x64(True):
+    tx = optim.released_rsgd(optax.constant_schedule(lr), mu, reorthonormalize_every=period,
+                             lr_factor=lr_factor)
+    params = jax.tree_util.tree_map(jnp.asarray, bases)
+    state = tx.init(params)
+    step = jax.jit(lambda g, st, p: tx.update(g, st, p))
+    for t, g in enumerate(grads):
+      updates, state = step({"a": jnp.asarray(g[0]), "b": jnp.asarray(g[1])}, state, params)
+      params = optax.apply_updates(params, updates)
+      for key, w in zip(("a", "b"), want[t]):
+        np.testing.assert_allclose(np.asarray(params[key]), w, atol=1e-10, err_msg=f"{key} {t}")
+  # grassq's default differs measurably from the released step on the same inputs
+  default = optim.riemannian_sgd(lr, mu)
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(jnp.asarray, bases)
+    state = default.init(params)
+    for g in grads:
+      updates, state = default.update({"a": jnp.asarray(g[0]), "b": jnp.asarray(g[1])},
+                                      state, params)
+      params = optax.apply_updates(params, updates)
+  assert np.abs(np.asarray(params["a"]) - want[-1][0]).max() > 1e-3
+
+
+def test_periodic_reorthonormalization_fires_on_the_shared_counter():
+  """Without momentum and with a tiny step the geodesic is orthonormal to rounding; a
+  deliberately non-orthonormal start shows exactly when the QR fires."""
+  s = random_bases_np(21, 2, 8, 3)
+  bases = {"a": s, "b": s.copy(), "c": s.copy()}
+  tx = optim.riemannian_sgd(0.0, momentum=0.0, retraction="geodesic",
+                            reorthonormalize_every=2, reorthonormalize_qr="unsigned", atol=2.0)
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a * 1.5), bases)  # ||col|| = 1.5
+    state = tx.init(params)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    fired = []
+    for _ in range(2):
+      updates, state = tx.update(zero, state, params)
+      new = optax.apply_updates(params, updates)
+      fired.append([float(G.orthonormality_error(new[k])) < 1e-10 for k in "abc"])
+  # counters: step 0 -> 0, 1, 2; step 1 -> 3, 4, 5: period 2 fires at 0, 2, 4
+  assert fired == [[True, False, True], [False, True, False]]
+
+
+def test_signed_and_unsigned_reorthonormalization_span_the_same_subspace():
+  s = random_bases_np(22, 3, 10, 4)
+  a = rng_normal(23, s.shape) * 0.3
+  signed = np.asarray(G.orthonormalize(s + a))
+  unsigned = np.asarray(G.qr_unsigned(s + a))
+  np.testing.assert_allclose(np.abs(signed), np.abs(unsigned), atol=1e-5)
+  proj = lambda q: q @ np.swapaxes(q, -1, -2)
+  np.testing.assert_allclose(proj(signed), proj(unsigned), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(G.geodesic(s, np.zeros_like(s))), s, atol=1e-6)
+
+
+def test_released_rsgd_rejects_bad_settings():
+  with pytest.raises(ValueError, match="reorthonormalize_every"):
+    optim.released_rsgd(0.1, reorthonormalize_every=-1)
+  with pytest.raises(ValueError, match="reorthonormalize_every"):
+    optim.riemannian_sgd(0.1, reorthonormalize_every=2.5)
+  with pytest.raises(ValueError, match="reorthonormalize_qr"):
+    optim.released_rsgd(0.1, reorthonormalize_qr="householder")
+  with pytest.raises(ValueError, match="lr_factor"):
+    optim.released_rsgd(0.1, lr_factor=0.0)
+  with pytest.raises(ValueError, match="unknown retraction"):
+    optim.riemannian_sgd(0.1, retraction="cayley")

@@ -127,3 +127,63 @@ def test_quant_dense_is_per_channel_fake_quant():
   q, s = quantizers.quantize_weight(v["params"]["kernel"], 4)
   np.testing.assert_allclose(layer.apply(v, x), x @ (q * s) + v["params"]["bias"], rtol=1e-5,
                              atol=1e-6)
+
+
+def test_hawq_semantics_running_statistics_match_a_float64_reference():
+  """"hawq": running <- 0.99 running + 0.01 batch with torch.var's unbiased variance, which also
+  normalizes the batch; "grassq": 0.9 and the biased variance."""
+  x = 1.5 + 2.0 * jax.random.normal(jax.random.key(4), (5, 4, 3, 2))
+  for name in ("grassq", "hawq"):
+    sem = qat.semantics_of(name)
+    layer = qat.QuantConvBN(3, weight_bits=8, momentum=sem.bn_momentum,
+                            unbiased_var=sem.bn_unbiased_var)
+    v = layer.init(jax.random.key(5), x)
+    stats = {"mean": jax.random.normal(jax.random.key(6), (3,)),
+             "var": jax.random.uniform(jax.random.key(7), (3,), minval=0.5, maxval=2.0)}
+    v = {"params": v["params"], "batch_stats": stats}
+    y, upd = layer.apply(v, x, train=True, mutable=["batch_stats"])
+    yf = np.asarray(qat._conv(x, v["params"]["kernel"], (1, 1), ((1, 1), (1, 1))), np.float64)
+    yf = yf.reshape(-1, 3)
+    var = yf.var(axis=0, ddof=1 if name == "hawq" else 0)
+    m = {"grassq": 0.9, "hawq": 0.99}[name]
+    np.testing.assert_allclose(upd["batch_stats"]["mean"],
+                               m * np.asarray(stats["mean"]) + (1 - m) * yf.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"],
+                               m * np.asarray(stats["var"]) + (1 - m) * var, rtol=1e-5)
+    # the batch is normalized with that variance (gamma 1, beta 0; fake-quant adds < 1 %)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 3).var(0), yf.var(0) / (var + 1e-5),
+                               rtol=0.02)
+  with pytest.raises(ValueError, match="unknown QAT semantics"):
+    qat.semantics_of("torch")
+
+
+def test_models_pass_their_semantics_to_every_tracker():
+  from grassq.models import create_model
+  from grassq.quant import qresnet
+
+  model = create_model("resnet20", 4, stage_sizes=(1,), num_filters=4, head="grassmann",
+                       head_kwargs={"subspace_dim": 2})
+  x = jax.random.normal(jax.random.key(8), (6, 9, 9, 1))
+  out = {}
+  for name in ("grassq", "hawq"):
+    q = qresnet.quantized(model, semantics=name)
+    v = q.init(jax.random.key(9), x[:1])
+    _, u1 = q.apply(v, x, train=True, mutable=["batch_stats"])
+    _, u2 = q.apply({**v, "batch_stats": u1["batch_stats"]}, 2 * x, train=True,
+                    mutable=["batch_stats"])
+    out[name] = (u1["batch_stats"], u2["batch_stats"])
+  # the input quantizer sees the images themselves: its range is exactly the EMA of theirs
+  for name in ("grassq", "hawq"):
+    m = qat.semantics_of(name).range_momentum
+    first, second = (out[name][i]["input_act"]["range"] for i in (0, 1))
+    np.testing.assert_allclose(first["hi"], x.max(), rtol=1e-6)
+    np.testing.assert_allclose(second["hi"], m * x.max() + (1 - m) * (2 * x).max(), rtol=1e-6)
+    np.testing.assert_allclose(second["lo"], m * x.min() + (1 - m) * (2 * x).min(), rtol=1e-6)
+  # every tracker and BatchNorm follows the model's semantics: all float statistics differ
+  # the two semantics give different statistics from the same batches
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out["grassq"][1])[0],
+                          jax.tree_util.tree_leaves(out["hawq"][1])):
+    if a.dtype != jnp.bool_ and float(jnp.max(jnp.abs(a))) > 0:  # (lo after a ReLU is 0)
+      assert float(jnp.max(jnp.abs(a - b))) > 1e-6, jax.tree_util.keystr(path)
+  with pytest.raises(ValueError, match="unknown QAT semantics"):
+    qresnet.quantized(model, semantics="torch").init(jax.random.key(0), x[:1])

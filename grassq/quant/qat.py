@@ -31,7 +31,7 @@ quantizes it to int32 at scale S_w·S_in, an error far below one output LSB.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,37 @@ from flax.core import FrozenDict
 from grassq.quant import quantizers
 
 RESIDUAL_BITS = 16  # HAWQV3's block-output width
+
+
+class QuantSemantics(NamedTuple):
+  """Training-time statistics of the QAT layers (the integer program is the same either way).
+
+  Attributes:
+    bn_momentum: BatchNorm running statistics: running <- m * running + (1 - m) * batch.
+    bn_unbiased_var: normalize (and update the running variance) with the unbiased batch
+      variance N / (N - 1) * var, as HAWQV3's `QuantBnConv2d` does with ``torch.var``.
+    range_momentum: EMA momentum of every tracked activation range (after the first batch).
+  """
+
+  bn_momentum: float
+  bn_unbiased_var: bool
+  range_momentum: float
+
+
+# "grassq": the float ResNets' BatchNorm momentum (0.9) and a slow range EMA (0.99, the value of
+# HAWQV3's README); "hawq": HAWQV3's code (`QuantBnConv2d` sets bn.momentum to 0.99, i.e. 0.01
+# of the batch, torch.var is unbiased, `QuantAct` defaults to act_range_momentum=0.95).
+# docs/differences.md measures the two on ResNet-20 W8A8 and W4A4.
+SEMANTICS = {
+    "grassq": QuantSemantics(bn_momentum=0.9, bn_unbiased_var=False, range_momentum=0.99),
+    "hawq": QuantSemantics(bn_momentum=0.99, bn_unbiased_var=True, range_momentum=0.95),
+}
+
+
+def semantics_of(name: str) -> QuantSemantics:
+  if name not in SEMANTICS:
+    raise ValueError(f"unknown QAT semantics {name!r}; available: {', '.join(SEMANTICS)}")
+  return SEMANTICS[name]
 
 
 def fold_bn(kernel, gamma, beta, mean, var, epsilon: float = 1e-5, bias=None):
@@ -113,6 +144,7 @@ class QuantConvBN(nn.Module):
     weight_bits: one of `quantizers.SUPPORTED_BITS`.
     fix_bn: fold with the running statistics even in training (late QAT).
     momentum, epsilon: BatchNorm's, as in the float ResNets.
+    unbiased_var: normalize with the unbiased batch variance (HAWQV3's code).
   """
 
   features: int
@@ -123,6 +155,7 @@ class QuantConvBN(nn.Module):
   fix_bn: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
+  unbiased_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -139,6 +172,9 @@ class QuantConvBN(nn.Module):
       y = _conv(x, kernel, self.strides, self.padding)
       mu = jnp.mean(y, axis=(0, 1, 2))
       v = jnp.mean(jnp.square(y - mu), axis=(0, 1, 2))
+      if self.unbiased_var:
+        count = y.shape[0] * y.shape[1] * y.shape[2]
+        v = v * (count / max(count - 1, 1))
       if not self.is_initializing():
         m = self.momentum
         mean.value = m * mean.value + (1 - m) * jax.lax.stop_gradient(mu)
@@ -264,6 +300,7 @@ class QuantBits(nn.Module):
       layer's weight bits). W4A8 is ``default_bits=4, default_act_bits=8``.
     hawq_signed8: signed 8-bit activations as in HAWQV3 (default: unsigned after ReLU).
     fix_bn: fold BatchNorm with running statistics in training too (late QAT).
+    semantics: training-time statistics, a key of `SEMANTICS` ("grassq" or "hawq").
   """
 
   pinned_8bit: ClassVar[tuple[str, ...]] = ()
@@ -274,6 +311,16 @@ class QuantBits(nn.Module):
   default_act_bits: int = 0
   hawq_signed8: bool = False
   fix_bn: bool = False
+  semantics: str = "grassq"
+
+  def bn_kwargs(self) -> dict[str, Any]:
+    """`QuantConvBN` keyword arguments of this model's `semantics`."""
+    sem = semantics_of(self.semantics)
+    return dict(momentum=sem.bn_momentum, unbiased_var=sem.bn_unbiased_var)
+
+  def range_momentum(self) -> float:
+    """EMA momentum of every range tracker of this model's `semantics`."""
+    return semantics_of(self.semantics).range_momentum
 
   def weight_bits_of(self, name: str) -> int:
     """Weight bit-width of layer `name` (first conv and classifier: 8 unless given)."""
@@ -301,6 +348,7 @@ def quant_head_outputs(model: QuantBits, q, features, train: bool, return_featur
   bits = model.weight_bits_of("head")
   if model.head == "grassmann":
     logits = QuantGrassmannHead(model.num_classes, weight_bits=bits, name="head",
+                                momentum=model.range_momentum(),
                                 **dict(model.head_kwargs))(q, train)
   else:
     logits = QuantDense(model.num_classes, bits, name="head")(q)

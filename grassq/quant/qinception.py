@@ -104,7 +104,7 @@ class _Ctx:
 
   def act(self, x, bits, name, signed=False):
     """Quantizes x; returns (fake-quant x, its scale, whether it was calibrated)."""
-    quant = qat.QuantAct(bits, signed, name=name)
+    quant = qat.QuantAct(bits, signed, self.model.range_momentum(), name=name)
     y = quant(x, self.train)
     r = quant.variables["batch_stats"]["range"]
     return y, quantizers.activation_scale(r["lo"], r["hi"], bits, signed), r["initialized"]
@@ -122,7 +122,8 @@ class _QUnit(nn.Module):
     u, c = self.unit, self.ctx
     y = qat.QuantConvBN(u.features, u.kernel, u.strides, u.padding,
                         c.model.weight_bits_of(self.layer), c.model.fix_bn,
-                        epsilon=inception.BN_EPSILON, name="conv")(x, c.train)
+                        epsilon=inception.BN_EPSILON, name="conv",
+                        **c.model.bn_kwargs())(x, c.train)
     return nn.relu(y)
 
 

@@ -54,11 +54,12 @@ class _Ctx:
 
   def act(self, x, bits, name):
     signed = self.hawq_signed8 and bits == 8
-    return qat.QuantAct(bits, signed, name=name)(x, self.train)
+    return qat.QuantAct(bits, signed, self.model.range_momentum(), name=name)(x, self.train)
 
   def convbn(self, x, features, kernel, strides, name):
     return qat.QuantConvBN(features, (kernel, kernel), (strides, strides), _pad(kernel),
-                           self.b(name), self.fix_bn, name=name)(x, self.train)
+                           self.b(name), self.fix_bn, name=name,
+                           **self.model.bn_kwargs())(x, self.train)
 
 
 class QBasicBlock(nn.Module):
@@ -75,7 +76,7 @@ class QBasicBlock(nn.Module):
     y = c.act(y, c.a(prefix + "conv2"), "act1")
     y = c.convbn(y, self.filters, 3, 1, "conv2")
     r = _qshortcut(c, x, a, self.filters, self.strides, self.shortcut)
-    return qat.QuantAdd(name="add")(y, r, c.train)
+    return qat.QuantAdd(momentum=c.model.range_momentum(), name="add")(y, r, c.train)
 
 
 class QBottleneckBlock(nn.Module):
@@ -97,7 +98,7 @@ class QBottleneckBlock(nn.Module):
     y = c.act(y, c.a(prefix + "conv3"), "act2")
     y = c.convbn(y, out, 1, 1, "conv3")
     r = _qshortcut(c, x, a, out, self.strides, self.shortcut)
-    return qat.QuantAdd(name="add")(y, r, c.train)
+    return qat.QuantAdd(momentum=c.model.range_momentum(), name="add")(y, r, c.train)
 
 
 def _qshortcut(c, x, a, out_features, strides, kind):
@@ -127,7 +128,8 @@ class QResNet(qat.QuantBits, ResNet):
   def __call__(self, x, train: bool = False, return_features: bool = False):
     self.check_head()
     c = _Ctx(self, train)
-    x = qat.QuantAct(8, True, name="input_act")(x.astype(jnp.float32), train)
+    x = qat.QuantAct(8, True, self.range_momentum(), name="input_act")(
+        x.astype(jnp.float32), train)
     if self.stem in ("cifar", "imagenet"):
       k, s = (3, 1) if self.stem == "cifar" else (7, 2)
       x = nn.relu(c.convbn(x, self.num_filters, k, s, "stem_conv"))
