@@ -32,7 +32,7 @@ from experiments.configs import imagenet_deit3_small_gcr  # noqa: E402
 from experiments.configs import imagenet_resnext50_gcr  # noqa: E402
 from experiments.configs import imagenet_swin_tiny_gcr  # noqa: E402
 from grassq import data as gdata  # noqa: E402
-from grassq import grassmann, train  # noqa: E402
+from grassq import grassmann, optim, train  # noqa: E402
 from grassq.models import create_model, swin  # noqa: E402
 from grassq.models.vit import DropPath, EncoderBlock  # noqa: E402
 
@@ -206,6 +206,40 @@ def test_gradient_clipping_leaves_the_bases_alone(optimizer):
   if optimizer == "sgd":  # lr 1: the update is minus the clipped gradient, clipped to norm 5
     assert float(jnp.linalg.norm(clipped["stem"]["kernel"])) == pytest.approx(5.0, rel=1e-5)
     assert float(jnp.linalg.norm(free["stem"]["kernel"])) == pytest.approx(10.0, rel=1e-5)
+
+
+RELEASED_PERIODS = {"imagenet_resnet50d_gcr": 5, "imagenet_resnext50_gcr": 5,  # RSGD
+                    "imagenet_swin_tiny_gcr": 1, "imagenet_deit3_small_gcr": 1}  # R-AdamW, R-LAMB
+
+
+@pytest.mark.parametrize("recipe", sorted(RELEASED_PERIODS))
+def test_recipes_train_the_bases_with_the_released_update(recipe):
+  """Each paper recipe's optimizer moves the bases exactly as `optim.released_rsgd` with the
+  released config's period and lr coupling (rate = grassmann_learning_rate at the peak of the
+  network's schedule), over 6 steps of the recipe's own warmup/cosine schedule."""
+  import importlib
+
+  config = importlib.import_module(f"experiments.configs.{recipe}").get_config()
+  assert config.grassmann_update == "released"
+  assert config.grassmann_reorth_every == RELEASED_PERIODS[recipe]
+  schedule = train.make_schedule(config, 10, 60)
+  tx = train.make_optimizer(config, schedule)
+  ref = optim.released_rsgd(schedule, config.grassmann_momentum,
+                            RELEASED_PERIODS[recipe],
+                            lr_factor=config.grassmann_learning_rate / config.learning_rate)
+  params = {"stem": {"kernel": jnp.ones((4, 5))},
+            "head": {"bases": grassmann.random_bases(jax.random.key(0), 3, 6, 2)}}
+  bases = params["head"]["bases"]
+  state, ref_state = tx.init(params), ref.init(bases)
+  for t in range(6):
+    grads = {"stem": {"kernel": jax.random.normal(jax.random.key(10 + t), (4, 5))},
+             "head": {"bases": jax.random.normal(jax.random.key(20 + t), (3, 6, 2))}}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    ref_updates, ref_state = ref.update(grads["head"]["bases"], ref_state, bases)
+    bases = optax.apply_updates(bases, ref_updates)
+    np.testing.assert_allclose(params["head"]["bases"], bases, atol=1e-6)
+  assert float(grassmann.orthonormality_error(bases)) < 1e-4
 
 
 # ----------------------------------------------------------------------------- Mixup / CutMix

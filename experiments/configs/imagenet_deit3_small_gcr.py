@@ -13,6 +13,10 @@ and its loss is softmax cross-entropy): the simple random crop, 3-Augment (one o
 solarization, Gaussian blur per image), colour jitter 0.3, repeated augmentation (3 repeats), and
 DeiT III's binary cross-entropy loss (the Grassmann head is trained with softmax cross-entropy
 here, as in GCR). Random erasing is off in DeiT III, so nothing is lost there.
+
+Optimizer variant (docs/differences.md): the released update as the released config
+deit3-small-p16_8xb256_in1k-224px_gcr8.py runs it (`RLambOptimizer`: geodesic step, torch's
+unsigned QR every step, the bases' rate LAMB's current one times lr_factor = 0.3 / 0.004).
 """
 
 from grassq.train import default_config
@@ -41,6 +45,8 @@ def get_config():
   config.mixup_switch_prob = 0.5
   config.grassmann_learning_rate = 0.3
   config.grassmann_momentum = 0.9
+  config.grassmann_update = "released"  # the released RLambOptimizer step
+  config.grassmann_reorth_every = 1
   config.dtype = "bfloat16"  # bases and their optimizer state stay float32
   config.checkpoint_every_steps = 2000
   return config

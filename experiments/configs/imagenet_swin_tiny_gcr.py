@@ -15,6 +15,12 @@ imagenet2012 images): the random-resized crop, RandAugment (rand-m9-mstd0.5-inc1
 (p 0.25), colour jitter 0.4. Swin also evaluates on a 224 centre crop of the image resized to 256
 (the loader's job). Without them a 300-epoch run overfits more; expect lower accuracy than the
 paper's.
+
+Optimizer variant (docs/differences.md): the released update as the released config
+swin-tiny_8xb128_in1k_gcr8.py runs it (`RAdamWOptimizer`: geodesic step, torch's unsigned QR every
+step, the bases' rate AdamW's current one times lr_factor = 0.1 / 0.001, i.e. 0.1 at the peak and
+following warmup and cosine). Left as it is: that config warms up from 1e-3 of the rate and decays
+to 1e-5; grassq's schedule goes from 0 and to 0.
 """
 
 from grassq.train import default_config
@@ -44,6 +50,8 @@ def get_config():
   config.mixup_switch_prob = 0.5
   config.grassmann_learning_rate = 0.1
   config.grassmann_momentum = 0.9
+  config.grassmann_update = "released"  # the released RAdamWOptimizer step
+  config.grassmann_reorth_every = 1
   config.dtype = "bfloat16"  # bases and their optimizer state stay float32
   config.checkpoint_every_steps = 2000
   return config
