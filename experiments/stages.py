@@ -91,8 +91,10 @@ def size_and_bops(qat_model, fp_model, image_shape):
               gbops=cost.bops(c, w, a) / 1e9, gbops_fp32=cost.bops(c, 32) / 1e9)
 
 
-def run_qat(name, out, fp_workdir, quant, epochs, learning_rate, eval_limit=None):
+def run_qat(name, out, fp_workdir, quant, epochs, learning_rate, eval_limit=None, seed=None):
   """QAT fine-tune of `fp_workdir` with `quant` (overrides of config.quant), then integer-only.
+
+  `seed` (default: the float run's) sets the fine-tune's data order and augmentation.
 
   Writes ``out/runs/name`` (resumable), ``out/programs/name`` and ``out/layers_name.json``;
   returns the result row (accuracies, integer vs fake-quant agreement and LSBs, size, BOPs).
@@ -114,6 +116,8 @@ def run_qat(name, out, fp_workdir, quant, epochs, learning_rate, eval_limit=None
   config.warmup_epochs = 0.0
   config.schedule = "cosine"
   config.eval_every_epochs = max(epochs, 1e-3)
+  if seed is not None:
+    config.seed = seed
   result = train.train_and_evaluate(config, workdir)
   model, variables, _ = train.load_checkpoint(workdir)
   spec = data.get_spec(config.dataset)
