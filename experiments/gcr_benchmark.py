@@ -175,7 +175,8 @@ def report(out: str) -> str:
   def savefig(fig, name):
     save_figure(fig, os.path.join(out, name), dpi=120, bbox_inches="tight")
 
-  ks = [(int(n.split("_k")[1]), rows) for n, (v, rows) in found.items() if n.startswith("gcr_k")]
+  ks = [(int(n[len("gcr_k"):]), rows) for n, (v, rows) in found.items()
+        if n.startswith("gcr_k") and n[len("gcr_k"):].isdigit()]
   ks.sort()
   if ks:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
