@@ -249,7 +249,11 @@ def test_integer_program_agrees_with_fake_quant(calibrated, w8a8):
   # The float/int boundary: host quantize_input vs the jitted fake-quant may round a value lying
   # on a .5 boundary differently (float32 division inside and outside XLA), rarely, by 1 LSB.
   assert layers["input_act"]["max_lsb"] <= 1 and layers["input_act"]["frac_differ"] < 1e-4
-  assert layers["Conv2d_2a_3x3_act"]["max_lsb"] <= 1  # first requantization: rounding only
+  # The first requantization differs by rounding only, end to end, when its input agrees (a
+  # 1-LSB input difference can move a conv output by 2: seen on CI). Teacher-forced, it always
+  # does (the local_layers check below).
+  if layers["input_act"]["max_lsb"] == 0:
+    assert layers["Conv2d_2a_3x3_act"]["max_lsb"] <= 1
   # Without residual shortcuts every conv requantizes its predecessor's 8-bit output, so 1-LSB
   # rounding differences (int32 bias, dyadic vs float scale) spread with depth (measured: at
   # most 0.9 LSB on average and 17 at worst in a layer, 0.3 on average over the layers).

@@ -45,8 +45,12 @@ def reference(tmp_path_factory):
 def test_reference_run_learns_and_writes_outputs(reference):
   d, result, params = reference
   assert result["devices"] == 1 and result["step"] == 40
-  assert result["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+  # 40 steps learn a little; how much depends on the CPU's float rounding (0.197 to above 0.2
+  # on the machines seen). Chance is 0.1 (360 test images: sd 0.016) and a loss of ln 10.
+  assert result["test_accuracy"] > 0.15 and result["test_loss"] < np.log(10)
   rows = [json.loads(l) for l in open(d / "work" / "metrics.jsonl")]
+  train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+  assert train_losses[-1] < train_losses[0] - 0.1, train_losses
   assert [r["step"] for r in rows if "train_loss" in r] == [8, 16, 24, 32, 40]
   assert any("test_accuracy" in r for r in rows)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(d / "work" / "tensorboard"))
@@ -297,15 +301,17 @@ def test_diverging_run_stops_and_keeps_finite_checkpoints(tmp_path):
   work = tmp_path / "work"
   import re
 
-  # At this learning rate the steps go non-finite within the first 20: the run must stop with
-  # an error and keep only checkpoints from before the streak.
-  proc, _ = run(work, tmp_path / "p.npz", lr=100, check=False)
+  # Every step from 13 on is non-finite (an infinite learning rate: a large finite one diverges
+  # at a step that depends on the CPU's rounding): the run must stop with an error naming steps
+  # 13-18 and keep only checkpoints from before the streak (8; 16 would be inside it).
+  proc, _ = run(work, tmp_path / "p.npz", diverge_at=13, check=False)
   assert proc.returncode != 0
   m = re.search(r"TrainingDivergedError: training diverged: .* at 6 consecutive steps "
                 r"\(steps (\d+)-(\d+)\); each was skipped .* The last checkpoint, step (\d+),",
                 proc.stderr)
   assert m, proc.stderr[-3000:]
   first_bad, last_bad, kept = map(int, m.groups())
+  assert (first_bad, last_bad, kept) == (13, 18, 8), m.groups()
   manager = train.checkpoint_manager(str(work), create=False)
   steps = list(manager.all_steps())
   manager.close()

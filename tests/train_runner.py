@@ -1,13 +1,15 @@
 """Runs the digits smoke config in a fresh process (so XLA_FLAGS can set the device count).
 
   python tests/train_runner.py WORKDIR OUT.npz [--steps N] [--kill-at N] [--batch-size B]
-      [--lr LR] [--eval-every N] [--kill-in-eval K] [--kill-in-tb-write K]
+      [--lr LR] [--eval-every N] [--kill-in-eval K] [--kill-in-tb-write K] [--diverge-at N]
 
 Saves the final flattened params to OUT.npz and prints a JSON line with the run's result.
 Fault injection, each a SIGKILL of this process (a real crash: no cleanup) at a deterministic
 point: --kill-at right after that step; --kill-in-eval in the middle of the K-th evaluation
 (after its first batch); --kill-in-tb-write in the middle of writing the K-th TensorBoard
 record (its header and half its bytes reach the file, as when a flush is cut short).
+--diverge-at N makes the learning rate infinite from step N on, so every step from N is
+non-finite whatever the CPU's rounding (a large finite rate diverges at a step that depends on it).
 """
 
 import argparse
@@ -80,6 +82,19 @@ def _kill_in_tb_write(k):
   record_writer.RecordWriter.write = write
 
 
+def _diverge_at(n):
+  """The schedule is infinite from (0-based) step n - 1 on, i.e. the n-th update is non-finite."""
+  import jax.numpy as jnp
+
+  orig = train.make_schedule
+
+  def make_schedule(*a, **kw):
+    schedule = orig(*a, **kw)
+    return lambda count: jnp.where(count >= n - 1, jnp.inf, schedule(count))
+
+  train.make_schedule = make_schedule
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("workdir")
@@ -91,6 +106,7 @@ def main():
   ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps")
   ap.add_argument("--kill-in-eval", type=int, default=0)
   ap.add_argument("--kill-in-tb-write", type=int, default=0)
+  ap.add_argument("--diverge-at", type=int, default=0)
   args = ap.parse_args()
   config = digits_smoke.get_config()
   config.num_train_steps = args.steps
@@ -106,6 +122,8 @@ def main():
     _kill_in_eval(args.kill_in_eval)
   if args.kill_in_tb_write:
     _kill_in_tb_write(args.kill_in_tb_write)
+  if args.diverge_at:
+    _diverge_at(args.diverge_at)
 
   def killer(step, state):
     if step == args.kill_at:
